@@ -1,0 +1,243 @@
+"""``remotefs-aa``: the operator's command line.
+
+Global options (``--config-file``, ``--config-dir``, ``--debug``,
+``--verbose``) come first, then a command::
+
+    remotefs-aa --config-file /etc/remotefs_aa/remotefs_aa.conf lock check
+    remotefs-aa lock run volume-42 -- qemu-img info /srv/share/volume-42
+
+Exit codes: the wrapped command's own status for ``lock run``; otherwise 0 on
+success, 1 on an operational failure, 2 on bad usage, 69 when the lock
+backend is unreachable, 75 when a lock is busy or timed out, 78 on a bad
+configuration (the sysexits.h meanings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from oslo_config import cfg
+from oslo_log import log as oslo_log
+
+from remotefs_aa import __version__, coordination, exception, opts
+
+LOG = logging.getLogger(__name__)
+
+EX_FAILURE = 1
+EX_USAGE = 2
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remotefs-aa",
+        description="Active-Active RemoteFS volume service tools.",
+    )
+    parser.add_argument("--config-file", action="append", default=[], metavar="PATH",
+                        help="configuration file; may be repeated, later ones win")
+    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                        help="directory of *.conf files read after --config-file")
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lock = commands.add_parser("lock", help="use the configured lock provider")
+    lock_cmds = lock.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
+
+    run = lock_cmds.add_parser(
+        "run",
+        help="run a command while holding a named lock (flock(1) across hosts)",
+        description="Take lock NAME from the configured provider, run COMMAND, "
+        "release the lock, and exit with COMMAND's status.",
+    )
+    run.add_argument("name", metavar="NAME", help="lock name (prefixed with remotefs_aa-)")
+    run.add_argument("-w", "--timeout", type=float, default=None, metavar="SECONDS",
+                     help="give up after this long (exit 75); default: "
+                     "[coordination] lock_acquire_timeout")
+    run.add_argument("-n", "--nonblock", action="store_true",
+                     help="fail at once (exit 75) if the lock is held")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...",
+                     help="the command to run")
+    run.set_defaults(func=cmd_lock_run)
+
+    check = lock_cmds.add_parser(
+        "check",
+        help="start the provider, take and release a lock, print what it measured",
+    )
+    check.add_argument("--rounds", type=int, default=20,
+                       help="acquire+release rounds to time (default 20)")
+    check.add_argument("--format", choices=("table", "json"), default="table")
+    check.set_defaults(func=cmd_lock_check)
+    return parser
+
+
+def load_config(args: argparse.Namespace, conf: cfg.ConfigOpts | None = None) -> cfg.ConfigOpts:
+    """Register options, read the files named on the command line, validate."""
+    conf = conf if conf is not None else cfg.ConfigOpts()
+    opts.register_opts(conf)
+    oslo_log.register_options(conf)
+    cli: list[str] = []
+    for path in args.config_file:
+        if not os.path.isfile(path):
+            raise exception.InvalidConfig("--config-file", path, "no such file")
+        cli += ["--config-file", path]
+    for path in args.config_dir:
+        cli += ["--config-dir", path]
+    if args.debug:
+        cli.append("--debug")
+    default_files = [] if args.config_file or args.config_dir else None
+    conf(cli, project="remotefs_aa", version=__version__,
+         default_config_files=default_files)
+    opts.validate(conf)
+    return conf
+
+
+def _setup_logging(conf: cfg.ConfigOpts, args: argparse.Namespace) -> None:
+    oslo_log.setup(conf, "remotefs_aa")
+    if not (args.debug or args.verbose):
+        # A CLI run shows what it prints plus warnings; -v/--debug show more.
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def cmd_lock_run(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    """Hold lock NAME around COMMAND and pass its exit status through."""
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("remotefs-aa lock run: no COMMAND given after --", file=sys.stderr)
+        return EX_USAGE
+    provider = coordination.start(conf)
+    try:
+        with coordination.locked(
+            args.name, blocking=not args.nonblock, timeout=args.timeout,
+            provider=provider, purpose=f"lock run {argv[0]}",
+        ):
+            return _run_forwarding_signals(argv)
+    finally:
+        coordination.stop()
+
+
+def _run_forwarding_signals(argv: list[str]) -> int:
+    """Run ``argv``; SIGINT/SIGTERM go to it, and the lock outlives it."""
+    try:
+        child = subprocess.Popen(argv)
+    except OSError as exc:
+        print(f"remotefs-aa lock run: cannot run {argv[0]!r}: {exc}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - status if status < 0 else status
+
+
+def cmd_lock_check(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    """Start the provider, time acquire+release, report the backend's traits."""
+    if args.rounds < 1:
+        print("remotefs-aa lock check: --rounds must be at least 1", file=sys.stderr)
+        return EX_USAGE
+    provider = coordination.load_provider(conf)
+    coordination.check_cluster_safety(conf, provider)
+    t0 = time.perf_counter()
+    provider.start()
+    started_ms = (time.perf_counter() - t0) * 1000
+    try:
+        name = f"{coordination.LOCK_PREFIX}check-{conf.host}-{os.getpid()}"
+        samples = []
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            lock = provider.get_lock(name)
+            if not lock.acquire(blocking=True, timeout=conf.coordination.lock_acquire_timeout):
+                raise exception.LockTimeout(name, "check lock did not become free")
+            owner = lock.is_still_owner()
+            lock.release()
+            samples.append((time.perf_counter() - t) * 1000)
+        heartbeat = bool(getattr(provider, "requires_heartbeat", False))
+        report = {
+            "lock_provider": conf.coordination.lock_provider,
+            "backend": provider.describe(),
+            "spans_hosts": provider.spans_hosts,
+            "active_active_ready": provider.spans_hosts,
+            "heartbeat_thread": heartbeat,
+            "heartbeat_interval_s": conf.coordination.heartbeat if heartbeat else None,
+            "owner_check": owner,
+            "start_ms": round(started_ms, 3),
+            "rounds": len(samples),
+            "acquire_release_median_ms": round(statistics.median(samples), 3),
+            "acquire_release_max_ms": round(max(samples), 3),
+        }
+    finally:
+        provider.stop()
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        rows = [
+            ("lock provider", report["lock_provider"]),
+            ("backend", report["backend"]),
+            ("spans hosts", "yes" if report["spans_hosts"] else "no (one host only)"),
+            ("active-active", "ready" if report["spans_hosts"]
+             else "refused: use a shared tooz backend"),
+            ("heartbeat thread", f"yes, every {report['heartbeat_interval_s']} s"
+             if heartbeat else "no (backend does not need one)"),
+            ("still-owner check", "ok" if owner else "FAILED"),
+            ("start", f"{report['start_ms']:.2f} ms"),
+            ("acquire+release", f"median {report['acquire_release_median_ms']:.3f} ms, "
+             f"max {report['acquire_release_max_ms']:.3f} ms over {len(samples)} rounds"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key:<{width}}  {value}")
+    return 0 if owner else EX_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        conf = load_config(args)
+    except exception.InvalidConfig as exc:
+        print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except (cfg.Error, ValueError) as exc:
+        print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    _setup_logging(conf, args)
+    try:
+        return args.func(conf, args)
+    except (exception.LockBusy, exception.LockTimeout) as exc:
+        print(f"remotefs-aa: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except (exception.LockBackendUnavailable, exception.LockProviderStartFailed) as exc:
+        print(f"remotefs-aa: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except (exception.PluginNotFound, exception.PluginLoadFailed,
+            exception.HostLocalLockProvider, exception.InvalidConfig) as exc:
+        print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except exception.RemoteFSAAError as exc:
+        print(f"remotefs-aa: {exc}", file=sys.stderr)
+        return EX_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

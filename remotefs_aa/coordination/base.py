@@ -1,0 +1,141 @@
+"""The lock provider contract: one small interface, one file per provider.
+
+Shaped after tooz's ``locking.Lock``: ``acquire`` answers True or False for a
+lock that is merely busy, and raises when the backend itself failed; entering a
+lock as a context manager raises unless the acquire succeeded, so the protected
+block can never run unlocked.
+"""
+
+from __future__ import annotations
+
+import abc
+import types
+from typing import Self
+
+from oslo_config import cfg
+
+from remotefs_aa import exception
+
+
+class Lock(abc.ABC):
+    """A named lock handed out by a :class:`LockProvider`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abc.abstractmethod
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock.
+
+        :param blocking: wait for the lock when another holder has it.
+        :param timeout: with ``blocking``, the most seconds to wait; None
+            waits as long as it takes.
+        :returns: True when the lock is now held, False when it was busy
+            (non-blocking) or the timeout passed.
+        :raises LockBackendUnavailable: the backend could not be asked.
+        """
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Give the lock back. Releasing a lock that is not held is an error."""
+
+    @abc.abstractmethod
+    def is_still_owner(self) -> bool:
+        """Tell whether this holder still owns the lock.
+
+        For lease-based backends a lock can lapse under its holder (a missed
+        heartbeat, a network partition); callers about to make an irreversible
+        change can check this first.
+        """
+
+    def __enter__(self) -> Self:
+        if not self.acquire():
+            raise exception.LockAcquireFailed(self.name, "the backend refused the lock")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class LockProvider(abc.ABC):
+    """Hands out named locks from one backend.
+
+    A provider is constructed with the service's ``ConfigOpts`` (options
+    registered by :func:`remotefs_aa.opts.register_opts`), then started once
+    and stopped once. Third-party providers subclass this and register in the
+    ``remotefs_aa.lock_providers`` entry-point namespace.
+    """
+
+    #: Name used in logs and by ``lock check``.
+    provider_name = "abstract"
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        self.conf = conf
+        self._started = False
+
+    @property
+    @abc.abstractmethod
+    def spans_hosts(self) -> bool:
+        """True when a lock taken on one host excludes holders on other hosts.
+
+        Known before :meth:`start`, so a misconfigured Active-Active service is
+        refused before it touches anything.
+        """
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The backend, for logs and ``lock check``, with secrets removed."""
+
+    @abc.abstractmethod
+    def _start(self) -> None:
+        """Connect to the backend; raise LockProviderStartFailed if unreachable."""
+
+    @abc.abstractmethod
+    def _stop(self) -> None:
+        """Disconnect from the backend, releasing what this provider holds."""
+
+    @abc.abstractmethod
+    def get_lock(self, name: str) -> Lock:
+        """A lock object for ``name`` (cheap; nothing is taken yet)."""
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` succeeded and :meth:`stop` was not called."""
+        return self._started
+
+    def start(self) -> None:
+        """Connect to the backend; fail loudly if it cannot be reached."""
+        if self._started:
+            return
+        self._start()
+        self._started = True
+
+    def stop(self) -> None:
+        """Disconnect; safe to call twice or after a failed start."""
+        if not self._started:
+            return
+        self._started = False
+        self._stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"

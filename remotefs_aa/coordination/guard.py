@@ -1,0 +1,277 @@
+"""Take every lock an operation needs, in one sorted order, or none at all.
+
+An operation declares the locks of every entity it touches as name templates
+(``synchronized('{volume.id}', '{src_vref.id}')``). The rendered names are
+prefixed, de-duplicated and sorted, so two operations that need {A, B} and
+{B, A} take them in the same order and cannot deadlock; they are released in
+reverse order, also when the operation or an acquire fails. A lock that is not
+acquired raises, so the protected code never runs without all of its locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import string
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ParamSpec, TypeVar
+
+from remotefs_aa import exception
+from remotefs_aa.coordination.base import Lock, LockProvider
+
+LOG = logging.getLogger(__name__)
+
+LOCK_PREFIX = "remotefs_aa-"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_provider: LockProvider | None = None
+
+
+def set_provider(provider: LockProvider | None) -> None:
+    """Make ``provider`` the one ``synchronized`` uses by default."""
+    global _provider  # noqa: PLW0603 - one provider per service process
+    _provider = provider
+
+
+def get_provider() -> LockProvider:
+    """The running provider; raises if the service has not started one."""
+    if _provider is None or not _provider.started:
+        raise exception.LockProviderNotStarted()
+    return _provider
+
+
+def lock_names(names: Iterable[str]) -> list[str]:
+    """Prefix, de-duplicate and sort lock names: the one acquisition order."""
+    prefixed = {n if n.startswith(LOCK_PREFIX) else LOCK_PREFIX + n for n in names}
+    return sorted(prefixed)
+
+
+class _WaitWatch:
+    """Warns about lock waits that take long, from one lazily started thread.
+
+    Only contended acquires register here, so the uncontended path pays
+    nothing; a watcher thread per wait would cost more than the lock itself.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiters: dict[int, tuple[str, float, float]] = {}
+        self._thread: threading.Thread | None = None
+        self._next = 0
+
+    def add(self, name: str, interval: float) -> int:
+        with self._cond:
+            self._next += 1
+            token = self._next
+            now = time.monotonic()
+            self._waiters[token] = (name, now, interval)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="remotefs_aa-lock-wait-watch", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def remove(self, token: int) -> None:
+        with self._cond:
+            self._waiters.pop(token, None)
+
+    def _run(self) -> None:
+        warned: dict[int, float] = {}
+        while True:
+            with self._cond:
+                if not self._waiters:
+                    self._cond.wait(timeout=60)
+                    if not self._waiters:
+                        self._thread = None
+                        return
+                now = time.monotonic()
+                shortest = min(w[2] for w in self._waiters.values())
+                for token, (name, since, interval) in list(self._waiters.items()):
+                    last = warned.get(token, since)
+                    if now - last >= interval:
+                        warned[token] = now
+                        LOG.warning(
+                            "Still waiting for lock %s after %.1f s; another "
+                            "operation holds it", name, now - since,
+                        )
+                for token in list(warned):
+                    if token not in self._waiters:
+                        del warned[token]
+                self._cond.wait(timeout=min(shortest, 1.0))
+
+
+_WATCH = _WaitWatch()
+
+
+def _acquire_one(lock: Lock, blocking: bool, deadline: float | None, warn_every: float) -> None:
+    """Acquire ``lock`` or raise; never returns without holding it."""
+    if lock.acquire(blocking=False):
+        return
+    if not blocking:
+        raise exception.LockBusy(lock.name, "held by another operation (non-blocking)")
+    token = _WATCH.add(lock.name, warn_every)
+    try:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if (remaining is not None and remaining <= 0) or not lock.acquire(
+            blocking=True, timeout=remaining
+        ):
+            raise exception.LockTimeout(
+                lock.name,
+                "timed out; another operation still holds it. Retry later or "
+                "raise [coordination] lock_acquire_timeout",
+            )
+    finally:
+        _WATCH.remove(token)
+
+
+@contextlib.contextmanager
+def locked(
+    *names: str,
+    blocking: bool = True,
+    timeout: float | None = None,
+    provider: LockProvider | None = None,
+    purpose: str = "",
+) -> Iterator[list[str]]:
+    """Hold every lock in ``names`` for the body of the ``with`` block.
+
+    :param names: lock names; prefixed, de-duplicated and sorted here.
+    :param blocking: False fails at once with LockBusy if any lock is held.
+    :param timeout: seconds for all locks together; None uses the
+        provider's ``[coordination] lock_acquire_timeout``.
+    :param provider: defaults to the service's running provider.
+    :param purpose: what the locks protect, for log lines.
+    :yields: the sorted lock names actually held.
+    """
+    prov = provider if provider is not None else get_provider()
+    coord = prov.conf.coordination
+    if timeout is None:
+        timeout = coord.lock_acquire_timeout
+    ordered = lock_names(names)
+    what = purpose or "operation"
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
+    held: list[Lock] = []
+    try:
+        for name in ordered:
+            lock = prov.get_lock(name)
+            _acquire_one(lock, blocking, deadline, coord.lock_wait_warning_interval)
+            held.append(lock)
+    except BaseException:
+        _release_all(held, what)
+        LOG.debug("%s: gave up on locks %s after %.3f s", what, ordered, time.monotonic() - start)
+        raise
+    acquired = time.monotonic()
+    waited = acquired - start
+    slow = coord.slow_lock_log_threshold
+    LOG.log(
+        logging.INFO if waited >= slow else logging.DEBUG,
+        "%s: acquired locks %s, waited %.3f s", what, ordered, waited,
+    )
+    try:
+        yield ordered
+    finally:
+        held_for = time.monotonic() - acquired
+        _release_all(held, what)
+        LOG.log(
+            logging.INFO if held_for >= slow else logging.DEBUG,
+            "%s: released locks %s, held %.3f s", what, ordered, held_for,
+        )
+
+
+def _release_all(held: list[Lock], what: str) -> None:
+    for lock in reversed(held):
+        try:
+            lock.release()
+        except Exception as exc:  # noqa: BLE001 - release must reach every lock
+            # The protected work already happened (or already failed); raising
+            # here would hide its outcome. A lease-based lock that could not be
+            # released expires on the backend by itself.
+            LOG.warning("%s: could not release lock %s: %s", what, lock.name, exc)
+
+
+def _template_roots(template: str) -> set[str]:
+    roots = set()
+    for _literal, field, _spec, _conv in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if field == "":
+            raise exception.LockNameError(
+                f"lock template {template!r} has an empty field {{}}; name the "
+                f"argument, e.g. '{{volume.id}}'"
+            )
+        root = field.split(".", 1)[0].split("[", 1)[0]
+        roots.add(root)
+    return roots
+
+
+def render_lock_names(
+    templates: Iterable[str], func: Callable[..., Any], args: tuple, kwargs: dict
+) -> list[str]:
+    """Render ``templates`` from a call's arguments (plus ``f_name``)."""
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    values["f_name"] = func.__name__
+    names = []
+    for template in templates:
+        try:
+            names.append(template.format_map(values))
+        except (AttributeError, KeyError, IndexError, TypeError) as exc:
+            raise exception.LockNameError(
+                f"cannot render lock name {template!r} for {func.__qualname__}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    return names
+
+
+def synchronized(
+    *name_templates: str,
+    blocking: bool = True,
+    timeout: float | None = None,
+    provider: LockProvider | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Run the decorated function only while holding every named lock.
+
+    ``name_templates`` are ``str.format`` templates over the function's
+    arguments and ``f_name``: ``'{volume.id}'``, ``'{snapshot.volume_id}'``,
+    ``'share-{share}'``. A template naming an argument the function does not
+    have is refused when the module is imported, not on the first call.
+    """
+    if not name_templates:
+        raise exception.LockNameError("synchronized() needs at least one lock name template")
+
+    def decorator(func: Callable[P, R]) -> Callable[P, R]:
+        params = inspect.signature(func).parameters
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        for template in name_templates:
+            missing = _template_roots(template) - set(params) - {"f_name"}
+            if missing and not accepts_any:
+                raise exception.LockNameError(
+                    f"lock template {template!r} on {func.__qualname__} uses "
+                    f"{', '.join(sorted(missing))}, which is not an argument of it"
+                )
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            names = render_lock_names(name_templates, func, args, kwargs)
+            with locked(
+                *names,
+                blocking=blocking,
+                timeout=timeout,
+                provider=provider,
+                purpose=func.__qualname__,
+            ):
+                return func(*args, **kwargs)
+
+        wrapper.lock_templates = name_templates  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorator

@@ -1,0 +1,320 @@
+"""Lock provider over any tooz backend (ZooKeeper, etcd, Redis, file, ...).
+
+Three things tooz leaves to its caller are done here:
+
+* heartbeats: a plain ``threading.Thread`` (never a green thread) beats only
+  when the tooz driver says it must, at ``[coordination] heartbeat`` seconds;
+* reconnection: when a call or a heartbeat fails, the coordinator is rebuilt
+  in the background with jittered exponential backoff bounded by
+  ``initial_reconnect_backoff`` and ``max_reconnect_backoff``; meanwhile
+  acquires fail at once with LockBackendUnavailable instead of hanging;
+* a start that proves the backend answers: a private lock is taken and
+  released, so an unreachable backend fails ``start()`` rather than the
+  first volume operation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from urllib import parse
+
+from oslo_config import cfg
+from stevedore import driver as stevedore_driver
+from tooz import coordination as tooz_coordination
+
+from remotefs_aa import exception, opts
+from remotefs_aa.coordination import base
+
+LOG = logging.getLogger(__name__)
+
+# tooz's etcd3gw driver does not declare DISTRIBUTED_ACROSS_HOSTS although an
+# etcd cluster is exactly that; these schemes always talk to a network server.
+_NETWORK_SCHEMES = frozenset({"etcd3+http", "etcd3+https"})
+
+
+class ToozLock(base.Lock):
+    """A tooz lock whose backend failures become LockBackendUnavailable."""
+
+    def __init__(self, provider: ToozLockProvider, name: str) -> None:
+        super().__init__(name)
+        self._provider = provider
+        self._generation, coordinator = provider._coordinator_for_lock(name)
+        self._lock = coordinator.get_lock(name.encode())
+        self._held = False
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """See :meth:`remotefs_aa.coordination.base.Lock.acquire`."""
+        if self._held:
+            raise exception.LockAcquireFailed(self.name, "already held by this lock object")
+        try:
+            got = bool(self._lock.acquire(blocking=blocking, timeout=timeout))
+        except Exception as exc:  # noqa: BLE001 - every backend client has its own errors
+            raise self._provider._connection_lost(self.name, "acquiring", exc) from exc
+        self._held = got
+        return got
+
+    def release(self) -> None:
+        """See :meth:`remotefs_aa.coordination.base.Lock.release`."""
+        if not self._held:
+            raise exception.LockError(f"lock {self.name} is not held; nothing to release")
+        self._held = False
+        if self._generation != self._provider._generation:
+            # Taken on a coordinator that was replaced after a connection
+            # loss: the backend dropped or will expire it; nothing to give back.
+            LOG.warning("Lock %s was lost with the backend connection; not released", self.name)
+            return
+        try:
+            released = self._lock.release()
+        except Exception as exc:
+            self._provider._connection_lost(self.name, "releasing", exc)
+            raise exception.LockError(
+                f"could not release lock {self.name}: {exc}; it expires on the backend"
+            ) from exc
+        if released is False:
+            LOG.warning("Lock %s was no longer ours when released (lease lapsed?)", self.name)
+
+    def is_still_owner(self) -> bool:
+        """See :meth:`remotefs_aa.coordination.base.Lock.is_still_owner`."""
+        if not self._held or self._generation != self._provider._generation:
+            return False
+        try:
+            return bool(self._lock.is_still_owner())
+        except NotImplementedError:
+            return bool(getattr(self._lock, "acquired", self._held))
+        except Exception as exc:  # noqa: BLE001
+            self._provider._connection_lost(self.name, "checking ownership of", exc)
+            return False
+
+
+class ToozLockProvider(base.LockProvider):
+    """Locks from the tooz backend at ``[coordination] backend_url``."""
+
+    provider_name = "tooz"
+
+    def __init__(self, conf: cfg.ConfigOpts, member_id: str | None = None) -> None:
+        super().__init__(conf)
+        self._coord_conf = conf.coordination
+        self._url: str = self._coord_conf.backend_url
+        opts.validate_backend_url(self._url)
+        self._scheme = parse.urlparse(self._url).scheme
+        self._member_id = member_id or f"{conf.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._coordinator: tooz_coordination.CoordinationDriver | None = None
+        self._generation = 0
+        self._state_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._reconnect_thread: threading.Thread | None = None
+        self._last_error: str | None = None
+        self._next_attempt_at = 0.0
+        self.reconnects = 0
+
+    @property
+    def spans_hosts(self) -> bool:
+        """Whether the tooz driver for this URL coordinates several hosts."""
+        if self._scheme in _NETWORK_SCHEMES:
+            return True
+        driver_cls = stevedore_driver.DriverManager(
+            "tooz.backends", self._scheme, invoke_on_load=False
+        ).driver
+        traits = getattr(driver_cls, "CHARACTERISTICS", ())
+        return tooz_coordination.Characteristics.DISTRIBUTED_ACROSS_HOSTS in traits
+
+    @property
+    def requires_heartbeat(self) -> bool:
+        """Whether a heartbeat thread runs (only if the tooz driver needs it)."""
+        return self._coordinator is not None and bool(self._coordinator.requires_beating)
+
+    @property
+    def connected(self) -> bool:
+        """False between a detected connection loss and the reconnection."""
+        return self._coordinator is not None and self._reconnect_thread is None
+
+    def describe(self) -> str:
+        """The backend URL with any password hidden."""
+        return opts.redact_url(self._url)
+
+    def _start(self) -> None:
+        self._stopping.clear()
+        if self._url.startswith("file://"):
+            os.makedirs(parse.urlparse(self._url).path, exist_ok=True)
+        try:
+            self._coordinator = self._connect()
+        except Exception as exc:
+            raise exception.LockProviderStartFailed(
+                f"cannot reach lock backend {self.describe()}: {type(exc).__name__}: {exc}. "
+                f"Check that the server runs and [coordination] backend_url is right"
+            ) from exc
+        self._generation += 1
+        if self._coordinator.requires_beating:
+            self._heartbeat_thread = threading.Thread(
+                target=self._heartbeat_loop, name="remotefs_aa-tooz-heartbeat", daemon=True
+            )
+            self._heartbeat_thread.start()
+        LOG.info(
+            "Lock provider tooz started: backend %s, member %s, spans hosts: %s, heartbeat: %s",
+            self.describe(), self._member_id, self.spans_hosts, self.requires_heartbeat,
+        )
+
+    def _connect(self) -> tooz_coordination.CoordinationDriver:
+        """Start a fresh coordinator and prove the backend answers."""
+        coordinator = tooz_coordination.get_coordinator(self._url, self._member_id.encode())
+        _fail_fast(coordinator)
+        # Our own heartbeat thread replaces tooz's: tooz's retries a failing
+        # beat forever, which would hide the outage from acquirers.
+        coordinator.start(start_heart=False)
+        try:
+            probe = coordinator.get_lock(f"remotefs_aa-probe-{self._member_id}".encode())
+            if not probe.acquire(blocking=False):
+                raise exception.LockProviderStartFailed("probe lock is unexpectedly busy")
+            probe.release()
+        except BaseException:
+            _stop_quietly(coordinator)
+            raise
+        return coordinator
+
+    def _stop(self) -> None:
+        self._stopping.set()
+        for thread in (self._heartbeat_thread, self._reconnect_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=10)
+        self._heartbeat_thread = None
+        self._reconnect_thread = None
+        with self._state_lock:
+            coordinator, self._coordinator = self._coordinator, None
+        if coordinator is not None:
+            _stop_quietly(coordinator)
+        LOG.info("Lock provider tooz stopped: backend %s", self.describe())
+
+    def get_lock(self, name: str) -> ToozLock:
+        """A lock named ``name`` on the current coordinator."""
+        return ToozLock(self, name)
+
+    def _coordinator_for_lock(
+        self, name: str
+    ) -> tuple[int, tooz_coordination.CoordinationDriver]:
+        with self._state_lock:
+            if self._coordinator is None or self._reconnect_thread is not None:
+                if not self._started and self._coordinator is None:
+                    raise exception.LockProviderNotStarted()
+                wait = max(0.0, self._next_attempt_at - time.monotonic())
+                raise exception.LockBackendUnavailable(
+                    name,
+                    f"lock backend {self.describe()} is unreachable ({self._last_error}); "
+                    f"reconnecting, next attempt in {wait:.1f} s. The operation did "
+                    f"not run; retry it when the backend is back",
+                )
+            return self._generation, self._coordinator
+
+    def _connection_lost(self, name: str, doing: str, exc: BaseException) -> exception.LockError:
+        """Record a backend failure, start reconnecting, return the error to raise."""
+        reason = f"{type(exc).__name__}: {exc}"
+        with self._state_lock:
+            self._last_error = reason
+            if self._reconnect_thread is None and not self._stopping.is_set():
+                LOG.error(
+                    "Lock backend %s failed while %s lock %s: %s; reconnecting",
+                    self.describe(), doing, name, reason,
+                )
+                self._next_attempt_at = time.monotonic()
+                self._reconnect_thread = threading.Thread(
+                    target=self._reconnect_loop, name="remotefs_aa-tooz-reconnect", daemon=True
+                )
+                self._reconnect_thread.start()
+        return exception.LockBackendUnavailable(
+            name,
+            f"lock backend {self.describe()} failed while {doing} the lock ({reason}); "
+            f"the operation did not run under this lock. The provider reconnects "
+            f"by itself; retry when the backend is back",
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        initial = self._coord_conf.initial_reconnect_backoff
+        ceiling = self._coord_conf.max_reconnect_backoff
+        delay = min(ceiling, initial * (2 ** min(attempt, 60)))
+        # Full jitter on the upper half: hosts that lost the same backend do
+        # not all come back in the same instant.
+        return random.uniform(delay / 2, delay)
+
+    def _reconnect_loop(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            delay = self._backoff(attempt)
+            self._next_attempt_at = time.monotonic() + delay
+            if self._stopping.wait(delay):
+                return
+            attempt += 1
+            try:
+                fresh = self._connect()
+            except Exception as exc:  # noqa: BLE001 - keep trying, whatever broke
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                LOG.warning(
+                    "Reconnect %d to lock backend %s failed: %s",
+                    attempt, self.describe(), self._last_error,
+                )
+                continue
+            with self._state_lock:
+                old, self._coordinator = self._coordinator, fresh
+                self._generation += 1
+                self._reconnect_thread = None
+                self._last_error = None
+                self.reconnects += 1
+            if old is not None:
+                _stop_quietly(old)
+            LOG.warning(
+                "Reconnected to lock backend %s after %d attempt(s); locks held "
+                "before the loss are gone", self.describe(), attempt,
+            )
+            return
+
+    def _heartbeat_loop(self) -> None:
+        interval = self._coord_conf.heartbeat
+        while not self._stopping.wait(interval):
+            with self._state_lock:
+                coordinator = self._coordinator if self._reconnect_thread is None else None
+            if coordinator is None:
+                continue
+            try:
+                coordinator.heartbeat()
+            except Exception as exc:  # noqa: BLE001
+                self._connection_lost("(heartbeat)", "heartbeating", exc)
+
+
+def _stop_quietly(coordinator: tooz_coordination.CoordinationDriver) -> None:
+    try:
+        coordinator.stop()
+    except Exception as exc:  # noqa: BLE001 - the connection is being dropped anyway
+        LOG.debug("Ignoring error while stopping a tooz coordinator: %s", exc)
+
+
+def _fail_fast(coordinator: tooz_coordination.CoordinationDriver) -> None:
+    """Stop stacked client retries from turning an outage into a long hang.
+
+    tooz's Redis driver already retries a refused connection 15 times, and
+    redis-py >= 6 retries each of those 10 times with exponential backoff:
+    an acquire against a stopped Redis then blocks for about a minute before
+    it fails. With redis-py's own retries off, the same outage is reported in
+    milliseconds and our reconnect loop (with its bounded backoff) takes over.
+    tooz offers no option for this, so the client factory is wrapped.
+    """
+    make_client = getattr(coordinator, "_make_client", None)
+    if make_client is None:
+        return
+    try:
+        from redis.backoff import NoBackoff  # noqa: PLC0415 - optional backend
+        from redis.retry import Retry  # noqa: PLC0415
+    except ImportError:
+        return
+
+    def make_client_without_retries(*args: object, **kwargs: object) -> object:
+        client = make_client(*args, **kwargs)
+        set_retry = getattr(client, "set_retry", None)
+        if set_retry is not None:
+            set_retry(Retry(NoBackoff(), 0))
+        return client
+
+    coordinator._make_client = make_client_without_retries  # type: ignore[attr-defined]

@@ -1,0 +1,87 @@
+"""One error hierarchy for remotefs_aa.
+
+Every message says what failed and what the operator can do about it, so a
+log line or a CLI error is enough to act on without reading the code.
+"""
+
+from __future__ import annotations
+
+
+class RemoteFSAAError(Exception):
+    """Base of every error remotefs_aa raises on purpose."""
+
+
+class InvalidConfig(RemoteFSAAError):
+    """A configuration value is unusable; raised at start, before any work."""
+
+    def __init__(self, option: str, value: object, reason: str) -> None:
+        self.option = option
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid value {value!r} for option {option}: {reason}")
+
+
+class PluginNotFound(RemoteFSAAError):
+    """A configured driver or lock provider name matches no installed plugin."""
+
+    def __init__(self, kind: str, name: str, known: list[str], detail: str = "") -> None:
+        self.kind = kind
+        self.name = name
+        self.known = sorted(known)
+        listing = ", ".join(self.known) or "none"
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"unknown {kind} {name!r}{extra}; installed: {listing}. "
+            f"Use one of those names or a dotted path 'package.module.Class'."
+        )
+
+
+class PluginLoadFailed(RemoteFSAAError):
+    """A plugin was found but could not be imported or constructed."""
+
+
+class LockError(RemoteFSAAError):
+    """Base for everything that goes wrong around a lock."""
+
+
+class LockNameError(LockError):
+    """A lock name template cannot be rendered from the call's arguments."""
+
+
+class LockProviderNotStarted(LockError):
+    """Code asked for a lock before the service started a lock provider."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no lock provider is running: the service must call "
+            "remotefs_aa.coordination.start(conf) before any locked operation"
+        )
+
+
+class LockAcquireFailed(LockError):
+    """A lock was not acquired; the code it protects did not run."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"could not acquire lock {name}: {reason}")
+
+
+class LockTimeout(LockAcquireFailed):
+    """A blocking acquire did not succeed within its timeout."""
+
+
+class LockBusy(LockAcquireFailed):
+    """A non-blocking acquire found the lock held by someone else."""
+
+
+class LockBackendUnavailable(LockAcquireFailed):
+    """The lock backend cannot be reached; the provider is reconnecting."""
+
+
+class LockProviderStartFailed(LockError):
+    """The provider could not reach its backend at start."""
+
+
+class HostLocalLockProvider(LockError):
+    """An Active-Active service was configured with a host-local lock provider."""

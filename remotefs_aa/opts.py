@@ -1,0 +1,215 @@
+"""Every configuration option of remotefs_aa, registered in one place.
+
+``list_opts()`` feeds ``oslo-config-generator --namespace remotefs_aa``; the
+generated ``etc/remotefs_aa/remotefs_aa.conf.sample`` is committed and a unit
+test fails when it is stale, so the sample never drifts from the code.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from urllib import parse
+
+from oslo_config import cfg
+
+from remotefs_aa import exception
+
+DEFAULT_STATE_PATH = "/var/lib/remotefs_aa"
+
+core_opts = [
+    cfg.StrOpt(
+        "volume_driver",
+        default="local",
+        help="Volume driver: an entry-point name from the "
+        "remotefs_aa.volume_drivers namespace (nfs, glusterfs, local) or a "
+        "dotted class path such as remotefs_aa.drivers.nfs.NfsDriver.",
+    ),
+    cfg.StrOpt(
+        "state_path",
+        default=DEFAULT_STATE_PATH,
+        help="Directory for this service's own state: file locks, the default "
+        "sqlite database and the file lock backend. Not on a shared share.",
+    ),
+    cfg.StrOpt(
+        "host",
+        default=socket.gethostname(),
+        sample_default="<hostname>",
+        help="Name of this volume service host. Locks, logs and the per-host "
+        "work records carry it, so it must be unique among the services that "
+        "share a backend.",
+    ),
+    cfg.StrOpt(
+        "cluster",
+        help="Name of the Active-Active cluster this service belongs to. When "
+        "set, several services may run against the same shares at once, and "
+        "the service refuses to start with a lock provider whose locks do not "
+        "span hosts.",
+    ),
+]
+
+coordination_opts = [
+    cfg.StrOpt(
+        "lock_provider",
+        default="tooz",
+        help="Lock provider: an entry-point name from the "
+        "remotefs_aa.lock_providers namespace (tooz: any tooz backend, for "
+        "many hosts; local: inter-process file locks on this host only) or a "
+        "dotted class path.",
+    ),
+    cfg.StrOpt(
+        "backend_url",
+        default="file://$state_path/coordination",
+        secret=True,
+        help="tooz backend URL for the tooz lock provider, e.g. "
+        "zookeeper://10.0.0.5:2181, redis://10.0.0.5:6379, "
+        "etcd3+http://10.0.0.5:2379. The file:// default only coordinates "
+        "processes of one host. Kept secret because URLs may carry passwords.",
+    ),
+    cfg.FloatOpt(
+        "heartbeat",
+        default=1.0,
+        min=0.01,
+        help="Seconds between heartbeats to the lock backend, for backends "
+        "whose locks and sessions expire unless refreshed (Redis, memcached, "
+        "etcd). No heartbeat thread runs for backends that do not need one.",
+    ),
+    cfg.FloatOpt(
+        "initial_reconnect_backoff",
+        default=0.1,
+        min=0.001,
+        help="Seconds to wait before the first attempt to reconnect to the "
+        "lock backend after the connection is lost. Each failed attempt "
+        "doubles the wait, with random jitter, up to max_reconnect_backoff.",
+    ),
+    cfg.FloatOpt(
+        "max_reconnect_backoff",
+        default=60.0,
+        min=0.001,
+        help="Longest wait, in seconds, between two attempts to reconnect to "
+        "the lock backend.",
+    ),
+    cfg.FloatOpt(
+        "lock_acquire_timeout",
+        min=0.0,
+        help="Seconds an operation waits for all of its locks before it fails "
+        "with a lock timeout, leaving the resource untouched. Unset waits as "
+        "long as it takes (a warning names the lock every "
+        "lock_wait_warning_interval seconds).",
+    ),
+    cfg.FloatOpt(
+        "lock_wait_warning_interval",
+        default=30.0,
+        min=0.1,
+        help="While an operation waits for a lock, log a warning naming the "
+        "lock this often, so a stuck holder is visible.",
+    ),
+    cfg.FloatOpt(
+        "slow_lock_log_threshold",
+        default=1.0,
+        min=0.0,
+        help="Lock waits and holds longer than this many seconds are logged "
+        "at INFO level instead of DEBUG.",
+    ),
+    cfg.StrOpt(
+        "lock_path",
+        default="$state_path/locks",
+        help="Directory of the lock files of the local lock provider. Must be "
+        "on a local filesystem of this host.",
+    ),
+]
+
+COORDINATION_GROUP = "coordination"
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register every remotefs_aa option on ``conf`` (idempotent)."""
+    conf.register_opts(core_opts)
+    conf.register_opts(coordination_opts, group=COORDINATION_GROUP)
+
+
+def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
+    """Options by group, for oslo-config-generator."""
+    return [
+        ("DEFAULT", list(core_opts)),
+        (COORDINATION_GROUP, list(coordination_opts)),
+    ]
+
+
+def _all_opts() -> Iterable[tuple[str | None, cfg.Opt]]:
+    for group, opts in list_opts():
+        for opt in opts:
+            yield (None if group == "DEFAULT" else group), opt
+
+
+def validate(conf: cfg.ConfigOpts) -> None:
+    """Read every option once and check the values that depend on each other.
+
+    oslo.config converts values lazily, so a typo in a config file would
+    otherwise surface in the middle of an operation. Reading everything here
+    turns it into one error at start that names the option and the value.
+    """
+    for group, opt in _all_opts():
+        qualified = f"[{group or 'DEFAULT'}] {opt.dest}"
+        try:
+            (conf[group] if group else conf)[opt.dest]
+        except (cfg.ConfigFileValueError, ValueError) as exc:
+            # oslo's text repeats the option and the file location; keep the
+            # part that says what is wrong with the value.
+            reason = str(exc).rpartition(" is not valid: ")[2]
+            raise exception.InvalidConfig(qualified, _raw_value(conf, group, opt), reason) from exc
+    coord = conf[COORDINATION_GROUP]
+    if coord.max_reconnect_backoff < coord.initial_reconnect_backoff:
+        raise exception.InvalidConfig(
+            "[coordination] max_reconnect_backoff",
+            coord.max_reconnect_backoff,
+            f"must not be smaller than initial_reconnect_backoff "
+            f"({coord.initial_reconnect_backoff})",
+        )
+    if coord.lock_provider == "tooz":
+        validate_backend_url(coord.backend_url)
+    if not conf.host:
+        raise exception.InvalidConfig("[DEFAULT] host", conf.host, "must not be empty")
+
+
+def validate_backend_url(url: str) -> None:
+    """Refuse a backend URL whose scheme no installed tooz driver handles."""
+    from remotefs_aa import plugins  # noqa: PLC0415 - plugins imports exception only
+
+    parsed = parse.urlparse(url or "")
+    known = plugins.installed_names("tooz.backends")
+    if not parsed.scheme:
+        raise exception.InvalidConfig(
+            "[coordination] backend_url",
+            redact_url(url),
+            f"not a URL; expected scheme://..., one of: {', '.join(known)}",
+        )
+    if parsed.scheme not in known:
+        raise exception.InvalidConfig(
+            "[coordination] backend_url",
+            redact_url(url),
+            f"no tooz driver for scheme {parsed.scheme!r}; installed: {', '.join(known)}",
+        )
+
+
+def redact_url(url: str) -> str:
+    """Hide a password in a URL before it reaches a log or an error."""
+    parsed = parse.urlparse(url or "")
+    if parsed.password:
+        netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
+        return parse.urlunparse(parsed._replace(netloc=netloc))
+    return url
+
+
+def _raw_value(conf: cfg.ConfigOpts, group: str | None, opt: cfg.Opt) -> object:
+    """Best-effort raw text of an option that failed to convert."""
+    try:
+        namespace = conf._namespace  # noqa: SLF001 - oslo has no public raw accessor
+        if namespace is not None:
+            values, _loc = namespace._get_value(  # noqa: SLF001
+                [(group or "DEFAULT", opt.dest)], multi=opt.multi
+            )
+            return values[-1] if isinstance(values, list) and values else values
+    except Exception:  # noqa: BLE001, S110 - only decorates an error message
+        pass
+    return "<unreadable>"
