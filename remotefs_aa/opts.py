@@ -86,8 +86,7 @@ coordination_opts = [
         "max_reconnect_backoff",
         default=60.0,
         min=0.001,
-        help="Longest wait, in seconds, between two attempts to reconnect to "
-        "the lock backend.",
+        help="Longest wait, in seconds, between two attempts to reconnect to the lock backend.",
     ),
     cfg.FloatOpt(
         "lock_acquire_timeout",
@@ -174,7 +173,7 @@ def validate(conf: cfg.ConfigOpts) -> None:
 
 def validate_backend_url(url: str) -> None:
     """Refuse a backend URL whose scheme no installed tooz driver handles."""
-    from remotefs_aa import plugins  # noqa: PLC0415 - plugins imports exception only
+    from remotefs_aa import plugins
 
     parsed = parse.urlparse(url or "")
     known = plugins.installed_names("tooz.backends")
@@ -204,12 +203,10 @@ def redact_url(url: str) -> str:
 def _raw_value(conf: cfg.ConfigOpts, group: str | None, opt: cfg.Opt) -> object:
     """Best-effort raw text of an option that failed to convert."""
     try:
-        namespace = conf._namespace  # noqa: SLF001 - oslo has no public raw accessor
+        namespace = conf._namespace
         if namespace is not None:
-            values, _loc = namespace._get_value(  # noqa: SLF001
-                [(group or "DEFAULT", opt.dest)], multi=opt.multi
-            )
+            values, _loc = namespace._get_value([(group or "DEFAULT", opt.dest)], multi=opt.multi)
             return values[-1] if isinstance(values, list) and values else values
-    except Exception:  # noqa: BLE001, S110 - only decorates an error message
+    except Exception:  # noqa: S110 - only decorates an error message
         pass
     return "<unreadable>"

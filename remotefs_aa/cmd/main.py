@@ -44,10 +44,20 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="remotefs-aa",
         description="Active-Active RemoteFS volume service tools.",
     )
-    parser.add_argument("--config-file", action="append", default=[], metavar="PATH",
-                        help="configuration file; may be repeated, later ones win")
-    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR",
-                        help="directory of *.conf files read after --config-file")
+    parser.add_argument(
+        "--config-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="configuration file; may be repeated, later ones win",
+    )
+    parser.add_argument(
+        "--config-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of *.conf files read after --config-file",
+    )
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -63,21 +73,29 @@ def _build_parser() -> argparse.ArgumentParser:
         "release the lock, and exit with COMMAND's status.",
     )
     run.add_argument("name", metavar="NAME", help="lock name (prefixed with remotefs_aa-)")
-    run.add_argument("-w", "--timeout", type=float, default=None, metavar="SECONDS",
-                     help="give up after this long (exit 75); default: "
-                     "[coordination] lock_acquire_timeout")
-    run.add_argument("-n", "--nonblock", action="store_true",
-                     help="fail at once (exit 75) if the lock is held")
-    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...",
-                     help="the command to run")
+    run.add_argument(
+        "-w",
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up after this long (exit 75); default: [coordination] lock_acquire_timeout",
+    )
+    run.add_argument(
+        "-n", "--nonblock", action="store_true", help="fail at once (exit 75) if the lock is held"
+    )
+    run.add_argument(
+        "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...", help="the command to run"
+    )
     run.set_defaults(func=cmd_lock_run)
 
     check = lock_cmds.add_parser(
         "check",
         help="start the provider, take and release a lock, print what it measured",
     )
-    check.add_argument("--rounds", type=int, default=20,
-                       help="acquire+release rounds to time (default 20)")
+    check.add_argument(
+        "--rounds", type=int, default=20, help="acquire+release rounds to time (default 20)"
+    )
     check.add_argument("--format", choices=("table", "json"), default="table")
     check.set_defaults(func=cmd_lock_check)
     return parser
@@ -98,8 +116,7 @@ def load_config(args: argparse.Namespace, conf: cfg.ConfigOpts | None = None) ->
     if args.debug:
         cli.append("--debug")
     default_files = [] if args.config_file or args.config_dir else None
-    conf(cli, project="remotefs_aa", version=__version__,
-         default_config_files=default_files)
+    conf(cli, project="remotefs_aa", version=__version__, default_config_files=default_files)
     opts.validate(conf)
     return conf
 
@@ -122,8 +139,11 @@ def cmd_lock_run(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     provider = coordination.start(conf)
     try:
         with coordination.locked(
-            args.name, blocking=not args.nonblock, timeout=args.timeout,
-            provider=provider, purpose=f"lock run {argv[0]}",
+            args.name,
+            blocking=not args.nonblock,
+            timeout=args.timeout,
+            provider=provider,
+            purpose=f"lock run {argv[0]}",
         ):
             return _run_forwarding_signals(argv)
     finally:
@@ -194,14 +214,23 @@ def cmd_lock_check(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             ("lock provider", report["lock_provider"]),
             ("backend", report["backend"]),
             ("spans hosts", "yes" if report["spans_hosts"] else "no (one host only)"),
-            ("active-active", "ready" if report["spans_hosts"]
-             else "refused: use a shared tooz backend"),
-            ("heartbeat thread", f"yes, every {report['heartbeat_interval_s']} s"
-             if heartbeat else "no (backend does not need one)"),
+            (
+                "active-active",
+                "ready" if report["spans_hosts"] else "refused: use a shared tooz backend",
+            ),
+            (
+                "heartbeat thread",
+                f"yes, every {report['heartbeat_interval_s']} s"
+                if heartbeat
+                else "no (backend does not need one)",
+            ),
             ("still-owner check", "ok" if owner else "FAILED"),
             ("start", f"{report['start_ms']:.2f} ms"),
-            ("acquire+release", f"median {report['acquire_release_median_ms']:.3f} ms, "
-             f"max {report['acquire_release_max_ms']:.3f} ms over {len(samples)} rounds"),
+            (
+                "acquire+release",
+                f"median {report['acquire_release_median_ms']:.3f} ms, "
+                f"max {report['acquire_release_max_ms']:.3f} ms over {len(samples)} rounds",
+            ),
         ]
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
@@ -230,8 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (exception.LockBackendUnavailable, exception.LockProviderStartFailed) as exc:
         print(f"remotefs-aa: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
-    except (exception.PluginNotFound, exception.PluginLoadFailed,
-            exception.HostLocalLockProvider, exception.InvalidConfig) as exc:
+    except (
+        exception.PluginNotFound,
+        exception.PluginLoadFailed,
+        exception.HostLocalLockProvider,
+        exception.InvalidConfig,
+    ) as exc:
         print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     except exception.RemoteFSAAError as exc:

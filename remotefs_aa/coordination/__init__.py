@@ -54,9 +54,7 @@ LOG = logging.getLogger(__name__)
 def load_provider(conf: cfg.ConfigOpts) -> LockProvider:
     """Build (not start) the provider named by ``[coordination] lock_provider``."""
     name = conf.coordination.lock_provider
-    cls = plugins.load_class(
-        plugins.LOCK_PROVIDERS_NAMESPACE, name, "lock provider", LockProvider
-    )
+    cls = plugins.load_class(plugins.LOCK_PROVIDERS_NAMESPACE, name, "lock provider", LockProvider)
     try:
         return cls(conf)
     except exception.RemoteFSAAError:

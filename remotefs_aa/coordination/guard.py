@@ -35,7 +35,7 @@ _provider: LockProvider | None = None
 
 def set_provider(provider: LockProvider | None) -> None:
     """Make ``provider`` the one ``synchronized`` uses by default."""
-    global _provider  # noqa: PLW0603 - one provider per service process
+    global _provider
     _provider = provider
 
 
@@ -99,8 +99,9 @@ class _WaitWatch:
                     if now - last >= interval:
                         warned[token] = now
                         LOG.warning(
-                            "Still waiting for lock %s after %.1f s; another "
-                            "operation holds it", name, now - since,
+                            "Still waiting for lock %s after %.1f s; another operation holds it",
+                            name,
+                            now - since,
                         )
                 for token in list(warned):
                     if token not in self._waiters:
@@ -173,7 +174,10 @@ def locked(
     slow = coord.slow_lock_log_threshold
     LOG.log(
         logging.INFO if waited >= slow else logging.DEBUG,
-        "%s: acquired locks %s, waited %.3f s", what, ordered, waited,
+        "%s: acquired locks %s, waited %.3f s",
+        what,
+        ordered,
+        waited,
     )
     try:
         yield ordered
@@ -182,7 +186,10 @@ def locked(
         _release_all(held, what)
         LOG.log(
             logging.INFO if held_for >= slow else logging.DEBUG,
-            "%s: released locks %s, held %.3f s", what, ordered, held_for,
+            "%s: released locks %s, held %.3f s",
+            what,
+            ordered,
+            held_for,
         )
 
 
@@ -190,7 +197,7 @@ def _release_all(held: list[Lock], what: str) -> None:
     for lock in reversed(held):
         try:
             lock.release()
-        except Exception as exc:  # noqa: BLE001 - release must reach every lock
+        except Exception as exc:
             # The protected work already happened (or already failed); raising
             # here would hide its outcome. A lease-based lock that could not be
             # released expires on the backend by itself.

@@ -21,9 +21,7 @@ from remotefs_aa.coordination import base
 
 # fcntl locks belong to a process, not a thread: two threads of one process
 # would both "get" the file lock. One in-process lock per name closes that gap.
-_THREAD_LOCKS: weakref.WeakValueDictionary[str, _NamedThreadLock] = (
-    weakref.WeakValueDictionary()
-)
+_THREAD_LOCKS: weakref.WeakValueDictionary[str, _NamedThreadLock] = weakref.WeakValueDictionary()
 _THREAD_LOCKS_GUARD = threading.Lock()
 
 
@@ -113,7 +111,7 @@ class LocalLockProvider(base.LockProvider):
     def _start(self) -> None:
         try:
             os.makedirs(self.lock_path, mode=0o755, exist_ok=True)
-            probe = os.path.join(self.lock_path, ".probe-%d" % os.getpid())
+            probe = os.path.join(self.lock_path, f".probe-{os.getpid()}")
             with open(probe, "w"):
                 pass
             os.unlink(probe)

@@ -48,30 +48,109 @@ class ToozLock(base.Lock):
         self._held = False
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """See :meth:`remotefs_aa.coordination.base.Lock.acquire`."""
+        """See :meth:`remotefs_aa.coordination.base.Lock.acquire`.
+
+        The first attempt never blocks and runs inline (the uncontended path
+        costs one round trip). A wait runs in a helper thread that the caller
+        can abandon: some clients (kazoo) keep a waiting acquire alive through
+        an outage, queueing their requests until the server returns, so the
+        caller would otherwise hang instead of learning that the backend is
+        gone.
+        """
         if self._held:
             raise exception.LockAcquireFailed(self.name, "already held by this lock object")
-        try:
-            got = bool(self._lock.acquire(blocking=blocking, timeout=timeout))
-        except Exception as exc:  # noqa: BLE001 - every backend client has its own errors
-            raise self._provider._connection_lost(self.name, "acquiring", exc) from exc
+        got = self._call_backend(blocking=False, timeout=None)
+        if not got and blocking and (timeout is None or timeout > 0):
+            got = self._wait(timeout)
         self._held = got
         return got
+
+    def _call_backend(self, blocking: bool, timeout: float | None) -> bool:
+        try:
+            return bool(self._lock.acquire(blocking=blocking, timeout=timeout))
+        except Exception as exc:
+            raise self._provider._connection_lost(
+                self.name, "acquiring", exc, self._generation
+            ) from exc
+
+    def _wait(self, timeout: float | None) -> bool:
+        wake = threading.Event()
+        outcome: dict[str, object] = {}
+        guard = threading.Lock()
+
+        def run() -> None:
+            try:
+                result: object = self._call_backend(blocking=True, timeout=timeout)
+            except BaseException as exc:
+                result = exc
+            with guard:
+                outcome["result"] = result
+                abandoned = outcome.get("abandoned", False)
+            if abandoned and result is True:
+                self._release_quietly()
+            wake.set()
+
+        self._wake = wake
+        self._provider._inflight.add(self)
+        try:
+            threading.Thread(target=run, name=f"wait-{self.name}", daemon=True).start()
+            wake.wait()
+        finally:
+            self._provider._inflight.discard(self)
+        with guard:
+            result = outcome.get("result")
+            if result is None:
+                outcome["abandoned"] = True
+        if isinstance(result, BaseException):
+            raise result
+        if result is None:
+            self._cancel_backend_wait()
+            raise self._provider._connection_lost(
+                self.name,
+                "waiting for",
+                ConnectionError("connection to the backend lost"),
+                self._generation,
+            )
+        return bool(result)
+
+    def cancel_wait(self) -> None:
+        """Make a waiting :meth:`acquire` give up: the backend connection is gone."""
+        wake = getattr(self, "_wake", None)
+        if wake is not None:
+            wake.set()
+
+    def _cancel_backend_wait(self) -> None:
+        # Ask the client to stop waiting too, so its helper thread ends when
+        # the client notices (kazoo's lock recipe has cancel()).
+        cancel = getattr(getattr(self._lock, "_lock", None), "cancel", None)
+        if cancel is not None:
+            try:
+                cancel()
+            except Exception as exc:
+                LOG.debug("Could not cancel the wait for %s: %s", self.name, exc)
+
+    def _release_quietly(self) -> None:
+        try:
+            self._lock.release()
+        except Exception as exc:
+            LOG.debug("Ignoring release failure of abandoned lock %s: %s", self.name, exc)
 
     def release(self) -> None:
         """See :meth:`remotefs_aa.coordination.base.Lock.release`."""
         if not self._held:
             raise exception.LockError(f"lock {self.name} is not held; nothing to release")
         self._held = False
-        if self._generation != self._provider._generation:
-            # Taken on a coordinator that was replaced after a connection
-            # loss: the backend dropped or will expire it; nothing to give back.
+        if self._generation != self._provider._generation or not self._provider.connected:
+            # Taken on a coordinator whose connection was lost (or that was
+            # already replaced): the backend dropped the lock or expires it
+            # by itself, and a client call now could block until the server
+            # returns.
             LOG.warning("Lock %s was lost with the backend connection; not released", self.name)
             return
         try:
             released = self._lock.release()
         except Exception as exc:
-            self._provider._connection_lost(self.name, "releasing", exc)
+            self._provider._connection_lost(self.name, "releasing", exc, self._generation)
             raise exception.LockError(
                 f"could not release lock {self.name}: {exc}; it expires on the backend"
             ) from exc
@@ -80,14 +159,20 @@ class ToozLock(base.Lock):
 
     def is_still_owner(self) -> bool:
         """See :meth:`remotefs_aa.coordination.base.Lock.is_still_owner`."""
-        if not self._held or self._generation != self._provider._generation:
+        if (
+            not self._held
+            or self._generation != self._provider._generation
+            or not self._provider.connected
+        ):
             return False
         try:
             return bool(self._lock.is_still_owner())
         except NotImplementedError:
             return bool(getattr(self._lock, "acquired", self._held))
-        except Exception as exc:  # noqa: BLE001
-            self._provider._connection_lost(self.name, "checking ownership of", exc)
+        except Exception as exc:
+            self._provider._connection_lost(
+                self.name, "checking ownership of", exc, self._generation
+            )
             return False
 
 
@@ -111,6 +196,7 @@ class ToozLockProvider(base.LockProvider):
         self._reconnect_thread: threading.Thread | None = None
         self._last_error: str | None = None
         self._next_attempt_at = 0.0
+        self._inflight: set[ToozLock] = set()
         self.reconnects = 0
 
     @property
@@ -146,7 +232,7 @@ class ToozLockProvider(base.LockProvider):
             self._coordinator = self._connect()
         except Exception as exc:
             raise exception.LockProviderStartFailed(
-                f"cannot reach lock backend {self.describe()}: {type(exc).__name__}: {exc}. "
+                f"cannot reach lock backend {self.describe()}: {describe_error(exc)}. "
                 f"Check that the server runs and [coordination] backend_url is right"
             ) from exc
         self._generation += 1
@@ -157,7 +243,10 @@ class ToozLockProvider(base.LockProvider):
             self._heartbeat_thread.start()
         LOG.info(
             "Lock provider tooz started: backend %s, member %s, spans hosts: %s, heartbeat: %s",
-            self.describe(), self._member_id, self.spans_hosts, self.requires_heartbeat,
+            self.describe(),
+            self._member_id,
+            self.spans_hosts,
+            self.requires_heartbeat,
         )
 
     def _connect(self) -> tooz_coordination.CoordinationDriver:
@@ -167,6 +256,7 @@ class ToozLockProvider(base.LockProvider):
         # Our own heartbeat thread replaces tooz's: tooz's retries a failing
         # beat forever, which would hide the outage from acquirers.
         coordinator.start(start_heart=False)
+        self._watch_session(coordinator, self._generation + 1)
         try:
             probe = coordinator.get_lock(f"remotefs_aa-probe-{self._member_id}".encode())
             if not probe.acquire(blocking=False):
@@ -176,6 +266,38 @@ class ToozLockProvider(base.LockProvider):
             _stop_quietly(coordinator)
             raise
         return coordinator
+
+    def _watch_session(
+        self, coordinator: tooz_coordination.CoordinationDriver, generation: int
+    ) -> None:
+        """Learn of a lost ZooKeeper connection the moment kazoo does.
+
+        kazoo reconnects by itself and queues requests meanwhile, so neither a
+        heartbeat nor a waiting acquire ever fails during an outage: they just
+        block until the server returns. Its session listener is the one place
+        that says the connection is gone.
+        """
+        client = getattr(coordinator, "_coord", None)
+        add_listener = getattr(client, "add_listener", None)
+        if add_listener is None:
+            return
+        try:
+            from kazoo.client import KazooState
+        except ImportError:
+            return
+
+        def listener(state: str) -> bool:
+            if state in (KazooState.SUSPENDED, KazooState.LOST):
+                self._connection_lost(
+                    "(session)",
+                    "watching the session of",
+                    ConnectionError(f"ZooKeeper session {state.lower()}"),
+                    generation,
+                )
+                return True  # this client is being replaced; stop listening
+            return False
+
+        add_listener(listener)
 
     def _stop(self) -> None:
         self._stopping.set()
@@ -194,9 +316,7 @@ class ToozLockProvider(base.LockProvider):
         """A lock named ``name`` on the current coordinator."""
         return ToozLock(self, name)
 
-    def _coordinator_for_lock(
-        self, name: str
-    ) -> tuple[int, tooz_coordination.CoordinationDriver]:
+    def _coordinator_for_lock(self, name: str) -> tuple[int, tooz_coordination.CoordinationDriver]:
         with self._state_lock:
             if self._coordinator is None or self._reconnect_thread is not None:
                 if not self._started and self._coordinator is None:
@@ -210,21 +330,37 @@ class ToozLockProvider(base.LockProvider):
                 )
             return self._generation, self._coordinator
 
-    def _connection_lost(self, name: str, doing: str, exc: BaseException) -> exception.LockError:
-        """Record a backend failure, start reconnecting, return the error to raise."""
-        reason = f"{type(exc).__name__}: {exc}"
+    def _connection_lost(
+        self, name: str, doing: str, exc: BaseException, generation: int
+    ) -> exception.LockError:
+        """Record a backend failure, start reconnecting, return the error to raise.
+
+        ``generation`` names the coordinator that failed: a late error from a
+        coordinator already replaced must not tear down its successor.
+        """
+        reason = describe_error(exc)
         with self._state_lock:
-            self._last_error = reason
-            if self._reconnect_thread is None and not self._stopping.is_set():
+            current = generation == self._generation
+            if current:
+                self._last_error = reason
+            if current and self._reconnect_thread is None and not self._stopping.is_set():
                 LOG.error(
                     "Lock backend %s failed while %s lock %s: %s; reconnecting",
-                    self.describe(), doing, name, reason,
+                    self.describe(),
+                    doing,
+                    name,
+                    reason,
                 )
                 self._next_attempt_at = time.monotonic()
                 self._reconnect_thread = threading.Thread(
                     target=self._reconnect_loop, name="remotefs_aa-tooz-reconnect", daemon=True
                 )
                 self._reconnect_thread.start()
+                waiting = [lk for lk in self._inflight if lk._generation == generation]
+            else:
+                waiting = []
+        for lock in waiting:
+            lock.cancel_wait()
         return exception.LockBackendUnavailable(
             name,
             f"lock backend {self.describe()} failed while {doing} the lock ({reason}); "
@@ -250,11 +386,13 @@ class ToozLockProvider(base.LockProvider):
             attempt += 1
             try:
                 fresh = self._connect()
-            except Exception as exc:  # noqa: BLE001 - keep trying, whatever broke
-                self._last_error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
+                self._last_error = describe_error(exc)
                 LOG.warning(
                     "Reconnect %d to lock backend %s failed: %s",
-                    attempt, self.describe(), self._last_error,
+                    attempt,
+                    self.describe(),
+                    self._last_error,
                 )
                 continue
             with self._state_lock:
@@ -267,7 +405,9 @@ class ToozLockProvider(base.LockProvider):
                 _stop_quietly(old)
             LOG.warning(
                 "Reconnected to lock backend %s after %d attempt(s); locks held "
-                "before the loss are gone", self.describe(), attempt,
+                "before the loss are gone",
+                self.describe(),
+                attempt,
             )
             return
 
@@ -276,18 +416,19 @@ class ToozLockProvider(base.LockProvider):
         while not self._stopping.wait(interval):
             with self._state_lock:
                 coordinator = self._coordinator if self._reconnect_thread is None else None
+                generation = self._generation
             if coordinator is None:
                 continue
             try:
                 coordinator.heartbeat()
-            except Exception as exc:  # noqa: BLE001
-                self._connection_lost("(heartbeat)", "heartbeating", exc)
+            except Exception as exc:
+                self._connection_lost("(heartbeat)", "heartbeating", exc, generation)
 
 
 def _stop_quietly(coordinator: tooz_coordination.CoordinationDriver) -> None:
     try:
         coordinator.stop()
-    except Exception as exc:  # noqa: BLE001 - the connection is being dropped anyway
+    except Exception as exc:
         LOG.debug("Ignoring error while stopping a tooz coordinator: %s", exc)
 
 
@@ -305,8 +446,8 @@ def _fail_fast(coordinator: tooz_coordination.CoordinationDriver) -> None:
     if make_client is None:
         return
     try:
-        from redis.backoff import NoBackoff  # noqa: PLC0415 - optional backend
-        from redis.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
     except ImportError:
         return
 
@@ -318,3 +459,16 @@ def _fail_fast(coordinator: tooz_coordination.CoordinationDriver) -> None:
         return client
 
     coordinator._make_client = make_client_without_retries  # type: ignore[attr-defined]
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` of an error, falling back to its cause.
+
+    tooz often wraps a client error in an exception with an empty message;
+    the cause is what tells an operator what happened.
+    """
+    text = str(exc).strip()
+    cause = exc.__cause__ or exc.__context__
+    if not text and cause is not None:
+        return f"{type(exc).__name__}: {describe_error(cause)}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -12,9 +12,7 @@ __all__ = ["VolumeDriver", "load_driver", "load_driver_class"]
 
 def load_driver_class(name: str) -> type[VolumeDriver]:
     """The class for ``volume_driver`` = an entry-point name or dotted path."""
-    return plugins.load_class(
-        plugins.VOLUME_DRIVERS_NAMESPACE, name, "volume driver", VolumeDriver
-    )
+    return plugins.load_class(plugins.VOLUME_DRIVERS_NAMESPACE, name, "volume driver", VolumeDriver)
 
 
 def load_driver(conf: cfg.ConfigOpts, host: str | None = None) -> VolumeDriver:

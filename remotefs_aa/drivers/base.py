@@ -95,7 +95,7 @@ class VolumeDriver(abc.ABC):
     def initialize_connection(self, volume: Any, connector: dict) -> dict:
         """os-brick connection info: ``{'driver_volume_type', 'data': {...}}``."""
 
-    def terminate_connection(self, volume: Any, connector: dict, **kwargs: Any) -> None:
+    def terminate_connection(self, volume: Any, connector: dict, **kwargs: Any) -> None:  # noqa: B027
         """Nothing to undo for file-based volumes; kept for interface parity."""
 
     # -- stats ----------------------------------------------------------------
