@@ -114,23 +114,24 @@ _WATCH = _WaitWatch()
 
 def _acquire_one(lock: Lock, blocking: bool, deadline: float | None, warn_every: float) -> None:
     """Acquire ``lock`` or raise; never returns without holding it."""
-    if lock.acquire(blocking=False):
+    remaining = None if deadline is None else deadline - time.monotonic()
+    # With the budget spent on earlier locks of this operation: one last try.
+    wait = blocking and (remaining is None or remaining > 0)
+    token = _WATCH.add(lock.name, warn_every) if wait else 0
+    try:
+        got = lock.acquire(blocking=wait, timeout=remaining if wait else None)
+    finally:
+        if token:
+            _WATCH.remove(token)
+    if got:
         return
     if not blocking:
         raise exception.LockBusy(lock.name, "held by another operation (non-blocking)")
-    token = _WATCH.add(lock.name, warn_every)
-    try:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if (remaining is not None and remaining <= 0) or not lock.acquire(
-            blocking=True, timeout=remaining
-        ):
-            raise exception.LockTimeout(
-                lock.name,
-                "timed out; another operation still holds it. Retry later or "
-                "raise [coordination] lock_acquire_timeout",
-            )
-    finally:
-        _WATCH.remove(token)
+    raise exception.LockTimeout(
+        lock.name,
+        "timed out; another operation still holds it. Retry later or "
+        "raise [coordination] lock_acquire_timeout",
+    )
 
 
 @contextlib.contextmanager

@@ -43,8 +43,8 @@ class ToozLock(base.Lock):
     def __init__(self, provider: ToozLockProvider, name: str) -> None:
         super().__init__(name)
         self._provider = provider
-        self._generation, coordinator = provider._coordinator_for_lock(name)
-        self._lock = coordinator.get_lock(name.encode())
+        self._generation, self._coordinator = provider._coordinator_for_lock(name)
+        self._lock = self._coordinator.get_lock(name.encode())
         self._held = False
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
@@ -61,13 +61,21 @@ class ToozLock(base.Lock):
             raise exception.LockAcquireFailed(self.name, "already held by this lock object")
         got = self._call_backend(blocking=False, timeout=None)
         if not got and blocking and (timeout is None or timeout > 0):
+            # A fresh tooz lock object for the wait: tooz's file lock leaves
+            # its per-object reference count raised after a failed attempt,
+            # then warns that the lock was never released.
+            self._lock = self._coordinator.get_lock(self.name.encode())
             got = self._wait(timeout)
         self._held = got
         return got
 
     def _call_backend(self, blocking: bool, timeout: float | None) -> bool:
+        # The wait bound goes in ``blocking`` as a number: that is the one
+        # form every tooz driver reads the same way. Its ``timeout`` argument
+        # is unsupported by memcached and means the lease TTL for etcd.
+        wait: bool | float = float(timeout) if blocking and timeout is not None else blocking
         try:
-            return bool(self._lock.acquire(blocking=blocking, timeout=timeout))
+            return bool(self._lock.acquire(blocking=wait))
         except Exception as exc:
             raise self._provider._connection_lost(
                 self.name, "acquiring", exc, self._generation

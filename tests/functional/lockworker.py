@@ -46,14 +46,13 @@ def _emit(**data: object) -> None:
 def do_count(args: argparse.Namespace) -> int:
     coordination.start(_conf(args.config))
 
-    @coordination.synchronized("counter-{path}")
-    def locked_increment(path: str) -> None:
-        increment(path, args.pause)
+    @coordination.synchronized("counter-{key}")
+    def locked_increment(key: str) -> None:
+        increment(args.counter, args.pause)
 
-    safe = os.path.basename(args.counter)
     try:
         for _ in range(args.iterations):
-            locked_increment(safe if args.short_name else args.counter.replace("/", "_"))
+            locked_increment(os.path.basename(args.counter))
     finally:
         coordination.stop()
     _emit(done=args.iterations)
@@ -173,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counter")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--pause", type=float, default=0.0)
-    parser.add_argument("--short-name", action="store_true")
     parser.add_argument("--first")
     parser.add_argument("--second")
     parser.add_argument("--name", default="test")

@@ -1,0 +1,1 @@
+"""Benchmarks of remotefs_aa: run as scripts, never collected by pytest."""
