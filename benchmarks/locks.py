@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -487,7 +488,7 @@ def summarize_contended(reports: list[dict[str, Any]], args: argparse.Namespace)
     squares = sum(c * c for c in counts)
     jain = (total * total) / (len(counts) * squares) if squares else math.nan
     timeline = sorted((t, r["index"]) for r in reports for t in r["acquired_at"])
-    switches = sum(1 for a, b in zip(timeline, timeline[1:]) if a[1] != b[1])
+    switches = sum(1 for a, b in itertools.pairwise(timeline) if a[1] != b[1])
     return {
         "procs": args.procs,
         "duration_s": args.duration,
@@ -554,7 +555,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
     versions = {}
-    for dist in ("tooz", "oslo.concurrency", "fasteners", "redis", "kazoo", "etcd3gw", "pymemcache"):
+    dists = ("tooz", "oslo.concurrency", "fasteners", "redis", "kazoo", "etcd3gw", "pymemcache")
+    for dist in dists:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     return {
@@ -580,8 +582,7 @@ def report(out: dict[str, Any]) -> str:
         "",
         f"UNCONTENDED acquire+release, µs per operation (up to {a['rounds']} rounds x "
         f"{a['block']} ops per variant, variants interleaved in shuffled blocks)",
-        "  bare        = backend lock alone, new lock object per op (local: "
-        "oslo InterProcessLock)",
+        "  bare        = backend lock alone, new lock object per op (local: oslo InterProcessLock)",
         "  bare-reuse  = backend lock alone, one lock object reused",
         "  provider    = provider.get_lock(name).acquire()/release()",
         "  locked      = with coordination.locked(name)",

@@ -234,9 +234,9 @@ class ToozLockProvider(base.LockProvider):
 
     def _start(self) -> None:
         self._stopping.clear()
-        if self._url.startswith("file://"):
-            os.makedirs(parse.urlparse(self._url).path, exist_ok=True)
         try:
+            if self._url.startswith("file://"):
+                os.makedirs(parse.urlparse(self._url).path, exist_ok=True)
             self._coordinator = self._connect()
         except Exception as exc:
             raise exception.LockProviderStartFailed(

@@ -254,7 +254,7 @@ def test_ab_and_ba_never_deadlock(backend: Backend, tmp_path: os.PathLike) -> No
 
 def _line(proc: subprocess.Popen, timeout: float) -> dict:
     """Next JSON line from a worker, failing instead of hanging."""
-    import selectors  # noqa: PLC0415
+    import selectors
 
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)

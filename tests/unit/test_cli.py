@@ -1,0 +1,180 @@
+"""The remotefs-aa command line on the embedded default (tooz file backend)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from remotefs_aa import coordination
+from remotefs_aa.cmd import main as cli
+from remotefs_aa.coordination.tooz_provider import ToozLockProvider
+from tests.unit.fakes import make_conf
+
+
+@pytest.fixture
+def conf_file(tmp_path):
+    path = tmp_path / "rfsaa.conf"
+    path.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n")
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_lock_run_passes_exit_status_through(capsys, conf_file, tmp_path):
+    marker = tmp_path / "ran"
+    code, _out, _err = run(
+        capsys,
+        "--config-file",
+        conf_file,
+        "lock",
+        "run",
+        "job",
+        "--",
+        "sh",
+        "-c",
+        f"touch {marker}; exit 3",
+    )
+    assert code == 3
+    assert marker.exists()
+
+
+def test_lock_run_without_command_is_usage_error(capsys, conf_file):
+    code, _out, err = run(capsys, "--config-file", conf_file, "lock", "run", "job", "--")
+    assert code == cli.EX_USAGE
+    assert "no COMMAND" in err
+
+
+def test_lock_run_missing_program_is_127(capsys, conf_file):
+    code, _out, err = run(
+        capsys, "--config-file", conf_file, "lock", "run", "job", "--", "/nonexistent/prog"
+    )
+    assert code == 127
+    assert "/nonexistent/prog" in err
+
+
+def test_lock_run_nonblocking_on_held_lock_exits_75_and_runs_nothing(capsys, conf_file, tmp_path):
+    conf = make_conf(backend_url=f"file://{tmp_path}/state/coordination")
+    holder = ToozLockProvider(conf)
+    holder.start()
+    lock = holder.get_lock("remotefs_aa-busy")
+    assert lock.acquire()
+    marker = tmp_path / "ran"
+    try:
+        code, _out, err = run(
+            capsys,
+            "--config-file",
+            conf_file,
+            "lock",
+            "run",
+            "-n",
+            "busy",
+            "--",
+            "touch",
+            str(marker),
+        )
+        assert code == cli.EX_TEMPFAIL
+        assert "remotefs_aa-busy" in err
+        code, _out, err = run(
+            capsys,
+            "--config-file",
+            conf_file,
+            "lock",
+            "run",
+            "-w",
+            "0.2",
+            "busy",
+            "--",
+            "touch",
+            str(marker),
+        )
+        assert code == cli.EX_TEMPFAIL
+        assert "timed out" in err
+        assert not marker.exists()
+        # Freed while a blocking run waits: it runs.
+        threading.Timer(0.3, lock.release).start()
+        code, _out, _err = run(
+            capsys,
+            "--config-file",
+            conf_file,
+            "lock",
+            "run",
+            "busy",
+            "--",
+            "touch",
+            str(marker),
+        )
+        assert code == 0 and marker.exists()
+    finally:
+        holder.stop()
+
+
+def test_lock_check_table_and_json(capsys, conf_file):
+    code, out, _err = run(capsys, "--config-file", conf_file, "lock", "check", "--rounds", "3")
+    assert code == 0
+    assert "spans hosts" in out and "no (one host only)" in out
+    assert "acquire+release" in out
+    code, out, _err = run(
+        capsys, "--config-file", conf_file, "lock", "check", "--format", "json", "--rounds", "3"
+    )
+    report = json.loads(out)
+    assert report["lock_provider"] == "tooz"
+    assert report["backend"].startswith("file://")
+    assert report["spans_hosts"] is False
+    assert report["owner_check"] is True
+    assert report["rounds"] == 3
+
+
+def test_bad_option_value_is_one_clear_error(capsys, tmp_path):
+    path = tmp_path / "bad.conf"
+    path.write_text("[coordination]\nheartbeat = fast\n")
+    code, _out, err = run(capsys, "--config-file", str(path), "lock", "check")
+    assert code == cli.EX_CONFIG
+    assert "[coordination] heartbeat" in err and "'fast'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_config_file_is_reported(capsys, tmp_path):
+    code, _out, err = run(capsys, "--config-file", str(tmp_path / "nope.conf"), "lock", "check")
+    assert code == cli.EX_CONFIG
+    assert "no such file" in err
+
+
+def test_unknown_provider_lists_choices(capsys, tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text(f"[DEFAULT]\nstate_path={tmp_path}\n[coordination]\nlock_provider = zk\n")
+    code, _out, err = run(capsys, "--config-file", str(path), "lock", "check")
+    assert code == cli.EX_CONFIG
+    assert "unknown lock provider 'zk'" in err and "local, tooz" in err
+
+
+def test_active_active_with_host_local_provider_is_refused(capsys, tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text(
+        f"[DEFAULT]\nstate_path={tmp_path}\ncluster = c1\n[coordination]\nlock_provider = local\n"
+    )
+    code, _out, err = run(capsys, "--config-file", str(path), "lock", "run", "x", "--", "true")
+    assert code == cli.EX_CONFIG
+    assert "Active-Active" in err
+
+
+def test_unreachable_backend_exits_69(capsys, tmp_path):
+    from tests.functional.servers import free_port
+
+    path = tmp_path / "c.conf"
+    path.write_text(
+        f"[DEFAULT]\nstate_path={tmp_path}\n[coordination]\n"
+        f"backend_url = redis://127.0.0.1:{free_port()}\n"
+    )
+    code, _out, err = run(capsys, "--config-file", str(path), "lock", "run", "x", "--", "true")
+    assert code == cli.EX_UNAVAILABLE
+    assert "cannot reach lock backend redis://127.0.0.1" in err
+
+
+def teardown_function():
+    coordination.guard.set_provider(None)

@@ -1,0 +1,252 @@
+"""The tooz provider on the file backend, and its error paths with a fake client."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from tooz import coordination as tooz_coordination
+
+from remotefs_aa import exception
+from remotefs_aa.coordination import tooz_provider
+from remotefs_aa.coordination.tooz_provider import ToozLockProvider
+from tests.functional.servers import free_port
+from tests.unit.fakes import make_conf
+
+
+@pytest.fixture
+def file_provider(tmp_path):
+    prov = ToozLockProvider(make_conf(backend_url=f"file://{tmp_path}/coord"))
+    prov.start()
+    yield prov
+    prov.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "spans"),
+    [
+        ("file:///tmp/x", False),
+        ("redis://127.0.0.1:6379", True),
+        ("zookeeper://127.0.0.1:2181", True),
+        ("etcd3+http://127.0.0.1:2379", True),
+        ("memcached://127.0.0.1:11211", True),
+    ],
+)
+def test_spans_hosts_follows_the_backend(url, spans):
+    assert ToozLockProvider(make_conf(backend_url=url)).spans_hosts is spans
+
+
+def test_file_backend_locks_and_reports_ownership(file_provider):
+    lock = file_provider.get_lock("remotefs_aa-v1")
+    other = file_provider.get_lock("remotefs_aa-v1")
+    assert lock.acquire()
+    assert lock.is_still_owner()
+    assert other.acquire(blocking=False) is False
+    assert other.acquire(timeout=0.05) is False
+    lock.release()
+    assert not lock.is_still_owner()
+    assert other.acquire(timeout=1)
+    other.release()
+
+
+def test_unreachable_backend_fails_start_fast_and_clearly():
+    url = f"redis://127.0.0.1:{free_port()}"
+    prov = ToozLockProvider(make_conf(backend_url=url))
+    started = time.monotonic()
+    with pytest.raises(exception.LockProviderStartFailed) as err:
+        prov.start()
+    assert time.monotonic() - started < 10
+    assert "cannot reach lock backend redis://127.0.0.1:" in str(err.value)
+    assert "backend_url" in str(err.value)
+    assert not prov.started
+
+
+def test_password_is_not_logged(caplog):
+    prov = ToozLockProvider(make_conf(backend_url="redis://:s3cret@127.0.0.1:1"))
+    assert "s3cret" not in prov.describe()
+
+
+def test_backoff_is_jittered_doubling_and_bounded():
+    prov = ToozLockProvider(
+        make_conf(
+            backend_url="file:///tmp/x", initial_reconnect_backoff=0.5, max_reconnect_backoff=3
+        )
+    )
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 3.0), (10, 3.0), (500, 3.0)]:
+        samples = [prov._backoff(attempt) for _ in range(200)]
+        assert min(samples) >= ceiling / 2
+        assert max(samples) <= ceiling
+        assert len(set(samples)) > 1  # jittered
+
+
+class FakeLock:
+    def __init__(self, coord, name):
+        self.coord, self.name = coord, name
+
+    def acquire(self, blocking=True, timeout=None):
+        if self.coord.down:
+            raise tooz_coordination.ToozConnectionError("connection refused (fake)")
+        if blocking is not False and self.coord.hang:
+            self.coord.hanging.set()
+            threading.Event().wait(30)  # a client that never gives up
+        return True
+
+    def release(self):
+        return True
+
+    def is_still_owner(self):
+        return True
+
+
+class FakeCoordinator:
+    """Stands in for a tooz driver whose server goes away and comes back."""
+
+    instances: list = []
+    requires_beating = True
+
+    def __init__(self, state):
+        self.state = state
+        self.hanging = threading.Event()
+        FakeCoordinator.instances.append(self)
+
+    @property
+    def down(self):
+        return self.state["down"]
+
+    @property
+    def hang(self):
+        return self.state["hang"]
+
+    def start(self, start_heart=False):
+        if self.down:
+            raise tooz_coordination.ToozConnectionError("connection refused (fake)")
+
+    def stop(self):
+        pass
+
+    def heartbeat(self):
+        if self.down:
+            raise tooz_coordination.ToozConnectionError("heartbeat failed (fake)")
+        return 1.0
+
+    def get_lock(self, name):
+        return FakeLock(self, name)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    state = {"down": False, "hang": False}
+    FakeCoordinator.instances = []
+    monkeypatch.setattr(
+        tooz_coordination, "get_coordinator", lambda url, member: FakeCoordinator(state)
+    )
+    conf = make_conf(
+        backend_url="redis://127.0.0.1:1",
+        heartbeat=0.05,
+        initial_reconnect_backoff=0.05,
+        max_reconnect_backoff=0.2,
+    )
+    prov = ToozLockProvider(conf)
+    prov.start()
+    yield prov, state
+    prov.stop()
+
+
+def test_heartbeat_thread_only_when_required(fake, file_provider, monkeypatch):
+    prov, _state = fake
+    assert prov.requires_heartbeat and prov._heartbeat_thread.is_alive()
+    monkeypatch.setattr(FakeCoordinator, "requires_beating", False)
+    prov2 = ToozLockProvider(prov.conf)
+    prov2.start()
+    try:
+        assert prov2._heartbeat_thread is None
+    finally:
+        prov2.stop()
+
+
+def test_connection_loss_fails_fast_then_reconnects(fake):
+    prov, state = fake
+    state["down"] = True
+    lock = prov.get_lock("remotefs_aa-v1")
+    with pytest.raises(exception.LockBackendUnavailable, match="remotefs_aa-v1.*did not run"):
+        lock.acquire()
+    assert not prov.connected
+    # While reconnecting, new locks fail at once instead of hanging.
+    with pytest.raises(exception.LockBackendUnavailable, match="reconnecting"):
+        prov.get_lock("remotefs_aa-v2")
+    state["down"] = False
+    deadline = time.monotonic() + 5
+    while not prov.connected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert prov.connected and prov.reconnects == 1
+    again = prov.get_lock("remotefs_aa-v1")
+    assert again.acquire()
+    again.release()
+
+
+def test_heartbeat_failure_starts_reconnect(fake):
+    prov, state = fake
+    state["down"] = True
+    deadline = time.monotonic() + 5
+    while prov.connected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not prov.connected
+    state["down"] = False
+
+
+def test_lock_taken_before_loss_is_not_owned_after(fake):
+    prov, state = fake
+    lock = prov.get_lock("remotefs_aa-v1")
+    assert lock.acquire()
+    state["down"] = True
+    with pytest.raises(exception.LockBackendUnavailable):
+        prov.get_lock("remotefs_aa-v2").acquire()
+    assert lock.is_still_owner() is False
+    lock.release()  # logged, not raised: the backend lets it lapse
+    state["down"] = False
+
+
+def test_waiter_is_woken_when_the_connection_is_lost(fake):
+    """A client that would wait through an outage does not hang its caller."""
+    prov, state = fake
+    state["hang"] = True
+    lock = prov.get_lock("remotefs_aa-v1")
+    lock._call_backend = _busy_then_hang(lock)
+    errors = []
+    t = threading.Thread(target=lambda: _capture(errors, lock.acquire))
+    t.start()
+    assert FakeCoordinator.instances[0].hanging.wait(5)
+    prov._connection_lost("(test)", "testing", ConnectionError("gone"), prov._generation)
+    t.join(5)
+    assert not t.is_alive()
+    assert errors and isinstance(errors[0], exception.LockBackendUnavailable)
+
+
+def _busy_then_hang(lock):
+    original = lock._call_backend
+
+    def call(blocking, timeout):
+        if blocking is False:
+            return False
+        return original(blocking, timeout)
+
+    return call
+
+
+def _capture(errors, func):
+    try:
+        func()
+    except Exception as exc:
+        errors.append(exc)
+
+
+def test_describe_error_uses_the_cause_when_message_is_empty():
+    try:
+        try:
+            raise OSError("Connection refused")
+        except OSError as inner:
+            raise tooz_coordination.ToozConnectionError("") from inner
+    except tooz_coordination.ToozConnectionError as exc:
+        text = tooz_provider.describe_error(exc)
+    assert text == "ToozConnectionError: OSError: Connection refused"

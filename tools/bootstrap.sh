@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian 12 machine: system packages (only when missing) and
+# a virtualenv in .venv with remotefs_aa installed in editable mode.
+#
+#   tools/bootstrap.sh           what the main job needs
+#   tools/bootstrap.sh --test    plus the lock-backend servers the tests start
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+packages=()
+need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || packages+=("$1"); }
+command -v python3 >/dev/null || need python3
+python3 -c 'import venv, ensurepip' 2>/dev/null || need python3-venv
+if (( want_test )); then
+    # Real servers for the functional tests; started by the tests on 127.0.0.1.
+    for p in redis-server zookeeper etcd-server etcd-client memcached; do need "$p"; done
+fi
+if (( ${#packages[@]} )); then
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    echo "bootstrap: installing ${packages[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${packages[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+extras=""
+(( want_test )) && extras="[test]"
+stamp=".venv/.installed${extras}"
+if [[ ! -f "$stamp" || setup.cfg -nt "$stamp" ]]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+    touch "$stamp"
+fi
