@@ -9,6 +9,7 @@ block can never run unlocked.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import types
 from typing import Self
 
@@ -65,6 +66,32 @@ class Lock(abc.ABC):
         return f"<{type(self).__name__} {self.name}>"
 
 
+@dataclasses.dataclass(frozen=True)
+class LockSettings:
+    """The ``[coordination]`` values every lock call needs, read once.
+
+    Reading oslo.config options costs microseconds each; a lock call reads
+    several, and the uncontended lock itself costs tens of microseconds.
+    """
+
+    acquire_timeout: float | None = None
+    wait_warning_interval: float = 30.0
+    slow_log_threshold: float = 1.0
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> LockSettings:
+        """Snapshot the options (defaults if the group is not registered)."""
+        try:
+            group = conf.coordination
+            return cls(
+                acquire_timeout=group.lock_acquire_timeout,
+                wait_warning_interval=group.lock_wait_warning_interval,
+                slow_log_threshold=group.slow_lock_log_threshold,
+            )
+        except (cfg.NoSuchOptError, cfg.NoSuchGroupError):
+            return cls()
+
+
 class LockProvider(abc.ABC):
     """Hands out named locks from one backend.
 
@@ -80,6 +107,7 @@ class LockProvider(abc.ABC):
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
         self._started = False
+        self.settings = LockSettings.from_conf(conf)
 
     @property
     @abc.abstractmethod

@@ -76,7 +76,8 @@ class _WaitWatch:
                     target=self._run, name="remotefs_aa-lock-wait-watch", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            elif len(self._waiters) == 1:
+                self._cond.notify()  # it may be in its long idle wait
             return token
 
     def remove(self, token: int) -> None:
@@ -114,24 +115,25 @@ _WATCH = _WaitWatch()
 
 def _acquire_one(lock: Lock, blocking: bool, deadline: float | None, warn_every: float) -> None:
     """Acquire ``lock`` or raise; never returns without holding it."""
-    remaining = None if deadline is None else deadline - time.monotonic()
-    # With the budget spent on earlier locks of this operation: one last try.
-    wait = blocking and (remaining is None or remaining > 0)
-    token = _WATCH.add(lock.name, warn_every) if wait else 0
-    try:
-        got = lock.acquire(blocking=wait, timeout=remaining if wait else None)
-    finally:
-        if token:
-            _WATCH.remove(token)
-    if got:
+    # Uncontended fast path: one non-blocking attempt, no wait bookkeeping.
+    if lock.acquire(blocking=False):
         return
     if not blocking:
         raise exception.LockBusy(lock.name, "held by another operation (non-blocking)")
-    raise exception.LockTimeout(
-        lock.name,
-        "timed out; another operation still holds it. Retry later or "
-        "raise [coordination] lock_acquire_timeout",
-    )
+    remaining = None if deadline is None else deadline - time.monotonic()
+    got = False
+    if remaining is None or remaining > 0:
+        token = _WATCH.add(lock.name, warn_every)
+        try:
+            got = lock.acquire(blocking=True, timeout=remaining)
+        finally:
+            _WATCH.remove(token)
+    if not got:
+        raise exception.LockTimeout(
+            lock.name,
+            "timed out; another operation still holds it. Retry later or "
+            "raise [coordination] lock_acquire_timeout",
+        )
 
 
 @contextlib.contextmanager
@@ -153,9 +155,9 @@ def locked(
     :yields: the sorted lock names actually held.
     """
     prov = provider if provider is not None else get_provider()
-    coord = prov.conf.coordination
+    settings = prov.settings
     if timeout is None:
-        timeout = coord.lock_acquire_timeout
+        timeout = settings.acquire_timeout
     ordered = lock_names(names)
     what = purpose or "operation"
     start = time.monotonic()
@@ -164,7 +166,7 @@ def locked(
     try:
         for name in ordered:
             lock = prov.get_lock(name)
-            _acquire_one(lock, blocking, deadline, coord.lock_wait_warning_interval)
+            _acquire_one(lock, blocking, deadline, settings.wait_warning_interval)
             held.append(lock)
     except BaseException:
         _release_all(held, what)
@@ -172,7 +174,7 @@ def locked(
         raise
     acquired = time.monotonic()
     waited = acquired - start
-    slow = coord.slow_lock_log_threshold
+    slow = settings.slow_log_threshold
     LOG.log(
         logging.INFO if waited >= slow else logging.DEBUG,
         "%s: acquired locks %s, waited %.3f s",
@@ -221,10 +223,14 @@ def _template_roots(template: str) -> set[str]:
 
 
 def render_lock_names(
-    templates: Iterable[str], func: Callable[..., Any], args: tuple, kwargs: dict
+    templates: Iterable[str],
+    func: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    signature: inspect.Signature | None = None,
 ) -> list[str]:
     """Render ``templates`` from a call's arguments (plus ``f_name``)."""
-    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound = (signature or inspect.signature(func)).bind(*args, **kwargs)
     bound.apply_defaults()
     values = dict(bound.arguments)
     values["f_name"] = func.__name__
@@ -257,7 +263,8 @@ def synchronized(
         raise exception.LockNameError("synchronized() needs at least one lock name template")
 
     def decorator(func: Callable[P, R]) -> Callable[P, R]:
-        params = inspect.signature(func).parameters
+        signature = inspect.signature(func)
+        params = signature.parameters
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         for template in name_templates:
             missing = _template_roots(template) - set(params) - {"f_name"}
@@ -269,7 +276,7 @@ def synchronized(
 
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            names = render_lock_names(name_templates, func, args, kwargs)
+            names = render_lock_names(name_templates, func, args, kwargs, signature)
             with locked(
                 *names,
                 blocking=blocking,

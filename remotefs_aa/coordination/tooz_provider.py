@@ -35,6 +35,12 @@ LOG = logging.getLogger(__name__)
 # tooz's etcd3gw driver does not declare DISTRIBUTED_ACROSS_HOSTS although an
 # etcd cluster is exactly that; these schemes always talk to a network server.
 _NETWORK_SCHEMES = frozenset({"etcd3+http", "etcd3+https"})
+# Backends whose lock waits queue on the server (first come, first served);
+# every other backend is waited for by polling, see ToozLock._poll.
+_SERVER_SIDE_WAIT_SCHEMES = frozenset({"zookeeper", "kazoo"})
+#: Bounds, in seconds, of the pause between two polls for a busy lock.
+POLL_MIN = 0.001
+POLL_MAX = 0.05
 
 
 class ToozLock(base.Lock):
@@ -50,24 +56,66 @@ class ToozLock(base.Lock):
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """See :meth:`remotefs_aa.coordination.base.Lock.acquire`.
 
-        The first attempt never blocks and runs inline (the uncontended path
-        costs one round trip). A wait runs in a helper thread that the caller
-        can abandon: some clients (kazoo) keep a waiting acquire alive through
-        an outage, queueing their requests until the server returns, so the
-        caller would otherwise hang instead of learning that the backend is
-        gone.
+        The first attempt never blocks and runs inline: the uncontended path
+        costs one round trip and no thread. How a busy lock is waited for
+        depends on the backend, see :meth:`_poll` and :meth:`_wait_in_thread`.
         """
         if self._held:
             raise exception.LockAcquireFailed(self.name, "already held by this lock object")
-        got = self._call_backend(blocking=False, timeout=None)
+        got = self._attempt()
         if not got and blocking and (timeout is None or timeout > 0):
-            # A fresh tooz lock object for the wait: tooz's file lock leaves
-            # its per-object reference count raised after a failed attempt,
-            # then warns that the lock was never released.
-            self._lock = self._coordinator.get_lock(self.name.encode())
-            got = self._wait(timeout)
+            self._wake = threading.Event()
+            self._provider._inflight.add(self)
+            try:
+                if self._provider.server_side_wait:
+                    got = self._wait_in_thread(timeout)
+                else:
+                    got = self._poll(timeout)
+            finally:
+                self._provider._inflight.discard(self)
         self._held = got
         return got
+
+    def _attempt(self) -> bool:
+        """One non-blocking try."""
+        got = self._call_backend(blocking=False, timeout=None)
+        if not got:
+            # A fresh tooz lock object for the next try: tooz's file lock
+            # leaves its per-object reference count raised after a failed
+            # attempt, then warns that the lock was never released.
+            self._lock = self._coordinator.get_lock(self.name.encode())
+        return got
+
+    def _poll(self, timeout: float | None) -> bool:
+        """Wait by retrying non-blocking attempts with short jittered backoff.
+
+        tooz's own waits poll far too slowly for a lock held a few
+        milliseconds: its etcd and memcached drivers sleep a full second
+        between tries, redis-py 100 ms, so a releasing process takes the lock
+        straight back and the others starve. Our retries start at 1 ms and
+        double up to ``POLL_MAX`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = POLL_MIN
+        while True:
+            pause = random.uniform(delay / 2, delay)
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.monotonic()))
+            if self._wake.wait(pause):
+                raise self._lost_while_waiting()
+            if self._attempt():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            delay = min(delay * 2, POLL_MAX)
+
+    def _lost_while_waiting(self) -> exception.LockError:
+        return self._provider._connection_lost(
+            self.name,
+            "waiting for",
+            ConnectionError("connection to the backend lost"),
+            self._generation,
+        )
 
     def _call_backend(self, blocking: bool, timeout: float | None) -> bool:
         # The wait bound goes in ``blocking`` as a number: that is the one
@@ -81,15 +129,23 @@ class ToozLock(base.Lock):
                 self.name, "acquiring", exc, self._generation
             ) from exc
 
-    def _wait(self, timeout: float | None) -> bool:
-        wake = threading.Event()
+    def _wait_in_thread(self, timeout: float | None) -> bool:
+        """Wait in the backend's own queue (ZooKeeper: fair, no polling).
+
+        The wait runs in a helper thread the caller can abandon: kazoo keeps
+        a waiting acquire alive through an outage, queueing its requests until
+        the server returns, so the caller would otherwise hang instead of
+        learning that the backend is gone. A lock the abandoned thread still
+        obtains is released at once.
+        """
+        wake = self._wake
         outcome: dict[str, object] = {}
         guard = threading.Lock()
 
         def run() -> None:
             try:
                 result: object = self._call_backend(blocking=True, timeout=timeout)
-            except BaseException as exc:
+            except BaseException as exc:  # handed to the caller
                 result = exc
             with guard:
                 outcome["result"] = result
@@ -98,13 +154,8 @@ class ToozLock(base.Lock):
                 self._release_quietly()
             wake.set()
 
-        self._wake = wake
-        self._provider._inflight.add(self)
-        try:
-            threading.Thread(target=run, name=f"wait-{self.name}", daemon=True).start()
-            wake.wait()
-        finally:
-            self._provider._inflight.discard(self)
+        threading.Thread(target=run, name=f"wait-{self.name}", daemon=True).start()
+        wake.wait()
         with guard:
             result = outcome.get("result")
             if result is None:
@@ -113,12 +164,7 @@ class ToozLock(base.Lock):
             raise result
         if result is None:
             self._cancel_backend_wait()
-            raise self._provider._connection_lost(
-                self.name,
-                "waiting for",
-                ConnectionError("connection to the backend lost"),
-                self._generation,
-            )
+            raise self._lost_while_waiting()
         return bool(result)
 
     def cancel_wait(self) -> None:
@@ -195,6 +241,8 @@ class ToozLockProvider(base.LockProvider):
         self._url: str = self._coord_conf.backend_url
         opts.validate_backend_url(self._url)
         self._scheme = parse.urlparse(self._url).scheme
+        #: True when busy locks are waited for in the server's queue.
+        self.server_side_wait = self._scheme in _SERVER_SIDE_WAIT_SCHEMES
         self._member_id = member_id or f"{conf.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._coordinator: tooz_coordination.CoordinationDriver | None = None
         self._generation = 0

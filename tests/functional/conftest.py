@@ -13,7 +13,7 @@ import pytest
 from tests.functional import servers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BACKENDS = ["file", "redis", "zookeeper", "etcd", "memcached"]
+BACKENDS = ["file", "redis", "zookeeper", "etcd", "memcached", "mysql", "postgresql"]
 
 
 class Backend:

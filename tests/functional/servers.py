@@ -10,6 +10,7 @@ listen on every interface, and these tests must only ever bind to loopback.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -46,6 +47,7 @@ class Server:
     #: Seconds after which the backend frees the lock of a killed holder.
     lock_expiry = 0.0
     binary = ""
+    stop_signal = signal.SIGTERM
 
     def __init__(self, workdir: str | None = None) -> None:
         self.workdir = workdir or tempfile.mkdtemp(prefix=f"rfsaa-{self.kind}-")
@@ -101,7 +103,7 @@ class Server:
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, self.stop_signal)
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -269,9 +271,124 @@ class MemcachedServer(Server):
         return f"memcached://{LOOPBACK}:{self.port}?lock_timeout={int(self.lock_expiry)}"
 
 
+class MySQLServer(Server):
+    """MariaDB on a TCP loopback port, grant tables skipped, database ``test``."""
+
+    kind = "mysql"
+    binary = "mariadbd"
+    lock_expiry = 0.0  # GET_LOCK dies with the holder's connection
+
+    def prepare(self) -> None:
+        subprocess.run(
+            [
+                "mariadb-install-db", "--no-defaults", f"--datadir={self.workdir}/data",
+                f"--user={_user()}", "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+    def argv(self) -> list[str]:
+        return [
+            "mariadbd", "--no-defaults", f"--datadir={self.workdir}/data",
+            f"--socket={self.workdir}/sock", f"--pid-file={self.workdir}/pid",
+            f"--bind-address={LOOPBACK}", f"--port={self.port}", f"--user={_user()}",
+            "--skip-grant-tables", "--skip-name-resolve", "--innodb-buffer-pool-size=16M",
+        ]  # fmt: skip
+
+    def wait_ready(self, deadline: float) -> None:
+        import pymysql
+
+        while True:
+            try:
+                conn = pymysql.connect(host=LOOPBACK, port=self.port, user="root")
+                break
+            except pymysql.err.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        with conn, conn.cursor() as cur:
+            cur.execute("CREATE DATABASE IF NOT EXISTS test")
+
+    @property
+    def url(self) -> str:
+        return f"mysql://root@{LOOPBACK}:{self.port}/test"
+
+
+class PostgreSQLServer(Server):
+    """PostgreSQL 15 with trust auth; as root it runs as the ``postgres`` user."""
+
+    kind = "postgresql"
+    binary = "postgres"
+    lock_expiry = 0.0  # advisory locks die with the holder's connection
+    stop_signal = signal.SIGINT  # "fast" shutdown: SIGTERM waits for clients
+
+    def __init__(self, workdir: str | None = None) -> None:
+        # The postgres user must reach its data directory, so ignore a
+        # workdir under a root-only pytest tree and make our own.
+        super().__init__(tempfile.mkdtemp(prefix="rfsaa-postgresql-"))
+        os.chmod(self.workdir, 0o755)  # noqa: S103 - postgres must traverse it
+
+    @classmethod
+    def bindir(cls) -> str | None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+        return os.path.dirname(found[-1]) if found else None
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls.bindir() is not None
+
+    def _as_owner(self) -> list[str]:
+        return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def prepare(self) -> None:
+        data = os.path.join(self.workdir, "data")
+        os.makedirs(data)
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres")
+            shutil.chown(data, "postgres")
+        subprocess.run(
+            [*self._as_owner(), f"{self.bindir()}/initdb", "-D", data, "-A", "trust",
+             "-U", "postgres", "--no-sync"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        self.log_path = os.path.join(self.workdir, "server.log")
+
+    def argv(self) -> list[str]:
+        return [
+            *self._as_owner(), f"{self.bindir()}/postgres", "-D", f"{self.workdir}/data",
+            "-h", LOOPBACK, "-p", str(self.port), "-k", self.workdir, "-F",
+        ]  # fmt: skip
+
+    def wait_ready(self, deadline: float) -> None:
+        import psycopg2
+
+        while True:
+            try:
+                psycopg2.connect(host=LOOPBACK, port=self.port, user="postgres").close()
+                return
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{LOOPBACK}:{self.port}/postgres"
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
 SERVERS: dict[str, type[Server]] = {
-    cls.kind: cls for cls in (RedisServer, ZooKeeperServer, EtcdServer, MemcachedServer)
-}
+    cls.kind: cls
+    for cls in (
+        RedisServer, ZooKeeperServer, EtcdServer, MemcachedServer, MySQLServer, PostgreSQLServer,
+    )
+}  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -210,17 +210,46 @@ def test_lock_taken_before_loss_is_not_owned_after(fake):
 def test_waiter_is_woken_when_the_connection_is_lost(fake):
     """A client that would wait through an outage does not hang its caller."""
     prov, state = fake
+    prov.server_side_wait = True  # as for ZooKeeper: wait in the client
     state["hang"] = True
     lock = prov.get_lock("remotefs_aa-v1")
     lock._call_backend = _busy_then_hang(lock)
     errors = []
-    t = threading.Thread(target=lambda: _capture(errors, lock.acquire))
+    t = threading.Thread(target=lambda: _capture(errors, lock.acquire), daemon=True)
     t.start()
     assert FakeCoordinator.instances[0].hanging.wait(5)
     prov._connection_lost("(test)", "testing", ConnectionError("gone"), prov._generation)
     t.join(5)
     assert not t.is_alive()
     assert errors and isinstance(errors[0], exception.LockBackendUnavailable)
+
+
+def test_polling_waiter_is_woken_when_the_connection_is_lost(fake):
+    prov, _state = fake
+    assert not prov.server_side_wait  # redis:// polls
+    lock = prov.get_lock("remotefs_aa-v1")
+    lock._call_backend = lambda blocking, timeout: False  # always busy
+    errors = []
+    t = threading.Thread(target=lambda: _capture(errors, lock.acquire), daemon=True)
+    t.start()
+    time.sleep(0.1)
+    assert t.is_alive()
+    prov._connection_lost("(test)", "testing", ConnectionError("gone"), prov._generation)
+    t.join(5)
+    assert not t.is_alive()
+    assert errors and isinstance(errors[0], exception.LockBackendUnavailable)
+
+
+def test_polling_wait_honours_timeout(fake):
+    prov, _state = fake
+    lock = prov.get_lock("remotefs_aa-v1")
+    calls = []
+    lock._call_backend = lambda blocking, timeout: calls.append(blocking) or False
+    started = time.monotonic()
+    assert lock.acquire(timeout=0.3) is False
+    took = time.monotonic() - started
+    assert 0.3 <= took < 2
+    assert all(b is False for b in calls) and len(calls) > 5  # short polls, never blocking
 
 
 def _busy_then_hang(lock):
