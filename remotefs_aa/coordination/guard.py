@@ -17,7 +17,7 @@ import logging
 import string
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from remotefs_aa import exception
@@ -46,8 +46,11 @@ def get_provider() -> LockProvider:
     return _provider
 
 
-def lock_names(names: Iterable[str]) -> list[str]:
+def lock_names(names: Collection[str]) -> list[str]:
     """Prefix, de-duplicate and sort lock names: the one acquisition order."""
+    if len(names) == 1:  # the common case, without a set and a sort
+        (name,) = names
+        return [name if name.startswith(LOCK_PREFIX) else LOCK_PREFIX + name]
     prefixed = {n if n.startswith(LOCK_PREFIX) else LOCK_PREFIX + n for n in names}
     return sorted(prefixed)
 
@@ -246,6 +249,54 @@ def render_lock_names(
     return names
 
 
+def _fast_renderer(
+    templates: tuple[str, ...], func: Callable[..., Any], signature: inspect.Signature
+) -> Callable[[tuple, dict], list[str]]:
+    """Render lock names without ``Signature.bind`` on every call.
+
+    Binding costs more than the rest of an uncontended file lock, so the
+    arguments the templates use are looked up by position or keyword
+    directly. Anything unusual (a missing argument, ``*args``) falls back to
+    :func:`render_lock_names`, which also produces its errors.
+    """
+    params = list(signature.parameters.values())
+    simple = all(
+        p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        for p in params
+    )
+    roots = set().union(*(_template_roots(t) for t in templates)) - {"f_name"}
+    position = {
+        p.name: i for i, p in enumerate(params) if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    }
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    lookups = [(root, position.get(root)) for root in sorted(roots)]
+    f_name = func.__name__
+
+    def slow(args: tuple, kwargs: dict) -> list[str]:
+        return render_lock_names(templates, func, args, kwargs, signature)
+
+    if not simple:
+        return slow
+
+    def render(args: tuple, kwargs: dict) -> list[str]:
+        values: dict[str, Any] = {"f_name": f_name}
+        for root, index in lookups:
+            if index is not None and index < len(args):
+                values[root] = args[index]
+            elif root in kwargs:
+                values[root] = kwargs[root]
+            elif root in defaults:
+                values[root] = defaults[root]
+            else:
+                return slow(args, kwargs)
+        try:
+            return [t.format_map(values) for t in templates]
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return slow(args, kwargs)
+
+    return render
+
+
 def synchronized(
     *name_templates: str,
     blocking: bool = True,
@@ -274,9 +325,11 @@ def synchronized(
                     f"{', '.join(sorted(missing))}, which is not an argument of it"
                 )
 
+        render = _fast_renderer(name_templates, func, signature)
+
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            names = render_lock_names(name_templates, func, args, kwargs, signature)
+            names = render(args, kwargs)
             with locked(
                 *names,
                 blocking=blocking,

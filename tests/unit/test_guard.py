@@ -236,3 +236,35 @@ def test_long_wait_is_warned_about(caplog):
         with coordination.locked("slow", provider=prov):
             pass
     assert "Still waiting for lock remotefs_aa-slow" in caplog.text
+
+
+def test_synchronized_renders_keywords_defaults_and_varargs(provider):
+    @coordination.synchronized("{volume.id}", "{f_name}-{mode}")
+    def op(self, volume, mode="thin"):
+        return mode
+
+    assert op(None, volume=vol("k1")) == "thin"
+    assert op(None, vol("p1"), mode="thick") == "thick"
+
+    @coordination.synchronized("{volume.id}")
+    def op_var(volume, *args, **kwargs):
+        return args
+
+    assert op_var(vol("va"), 1, 2) == (1, 2)
+    assert provider.acquired() == [
+        "remotefs_aa-k1",
+        "remotefs_aa-op-thin",
+        "remotefs_aa-op-thick",
+        "remotefs_aa-p1",
+        "remotefs_aa-va",
+    ]
+
+
+def test_missing_argument_is_a_clear_error_before_any_lock(provider):
+    @coordination.synchronized("{volume.id}")
+    def op(self, volume):
+        pass
+
+    with pytest.raises(TypeError, match="volume"):
+        op(None)
+    assert provider.acquired() == []
