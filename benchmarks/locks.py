@@ -53,8 +53,8 @@ from tooz import coordination as tooz_coordination
 from remotefs_aa import coordination, exception, opts
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ("local", "file", "redis", "zookeeper", "etcd", "memcached")
-SERVER_BACKENDS = frozenset({"redis", "zookeeper", "etcd", "memcached"})
+BACKENDS = ("local", "file", "redis", "zookeeper", "etcd", "memcached", "mysql", "postgresql")
+SERVER_BACKENDS = frozenset({"redis", "zookeeper", "etcd", "memcached", "mysql", "postgresql"})
 
 #: The goal for the uncontended path: synchronized adds at most this much...
 GOAL_PCT = 10.0

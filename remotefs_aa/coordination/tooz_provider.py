@@ -79,10 +79,11 @@ class ToozLock(base.Lock):
     def _attempt(self) -> bool:
         """One non-blocking try."""
         got = self._call_backend(blocking=False, timeout=None)
-        if not got:
+        if not got and self._provider.fresh_lock_after_failure:
             # A fresh tooz lock object for the next try: tooz's file lock
             # leaves its per-object reference count raised after a failed
-            # attempt, then warns that the lock was never released.
+            # attempt, then warns that the lock was never released. (Only
+            # there: a tooz MySQL lock object opens a new connection.)
             self._lock = self._coordinator.get_lock(self.name.encode())
         return got
 
@@ -243,6 +244,8 @@ class ToozLockProvider(base.LockProvider):
         self._scheme = parse.urlparse(self._url).scheme
         #: True when busy locks are waited for in the server's queue.
         self.server_side_wait = self._scheme in _SERVER_SIDE_WAIT_SCHEMES
+        #: Work around tooz's file lock reference count (see ToozLock._attempt).
+        self.fresh_lock_after_failure = self._scheme == "file"
         self._member_id = member_id or f"{conf.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._coordinator: tooz_coordination.CoordinationDriver | None = None
         self._generation = 0

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 LOOPBACK = "127.0.0.1"
 
@@ -97,6 +97,17 @@ class Server:
 
     def wait_ready(self, deadline: float) -> None:
         """Extra readiness check after the port opens (default: none)."""
+
+    def poll_until(self, ready: Callable[[], bool], deadline: float, what: str) -> None:
+        """Call ``ready`` until it returns True; errors count as "not yet"."""
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    return
+            except Exception:  # a server still starting refuses connections
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.kind} never {what}: {self.tail_log()}")
 
     def stop(self) -> None:
         """Stop the server by its PID (SIGTERM, then SIGKILL) and wait for it."""
@@ -192,16 +203,12 @@ class ZooKeeperServer(Server):
         ]
 
     def wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((LOOPBACK, self.port), timeout=1) as sock,
-            ):
+        def ruok() -> bool:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1) as sock:
                 sock.sendall(b"ruok")
-                if sock.recv(4) == b"imok":
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"zookeeper never answered ruok: {self.tail_log()}")
+                return sock.recv(4) == b"imok"
+
+        self.poll_until(ruok, deadline, "answered ruok")
 
     @property
     def url(self) -> str:
@@ -242,15 +249,12 @@ class EtcdServer(Server):
     def wait_ready(self, deadline: float) -> None:
         import urllib.request
 
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(
-                    f"http://{LOOPBACK}:{self.port}/health", timeout=1
-                ) as resp:
-                    if b'"true"' in resp.read():
-                        return
-            time.sleep(0.1)
-        raise RuntimeError(f"etcd never became healthy: {self.tail_log()}")
+        def healthy() -> bool:
+            url = f"http://{LOOPBACK}:{self.port}/health"
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return b'"true"' in resp.read()
+
+        self.poll_until(healthy, deadline, "became healthy")
 
     @property
     def url(self) -> str:
@@ -299,16 +303,13 @@ class MySQLServer(Server):
     def wait_ready(self, deadline: float) -> None:
         import pymysql
 
-        while True:
-            try:
-                conn = pymysql.connect(host=LOOPBACK, port=self.port, user="root")
-                break
-            except pymysql.err.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        with conn, conn.cursor() as cur:
-            cur.execute("CREATE DATABASE IF NOT EXISTS test")
+        def create_db() -> bool:
+            conn = pymysql.connect(host=LOOPBACK, port=self.port, user="root")
+            with conn, conn.cursor() as cur:
+                cur.execute("CREATE DATABASE IF NOT EXISTS test")
+            return True
+
+        self.poll_until(create_db, deadline, "accepted a connection")
 
     @property
     def url(self) -> str:
@@ -363,14 +364,11 @@ class PostgreSQLServer(Server):
     def wait_ready(self, deadline: float) -> None:
         import psycopg2
 
-        while True:
-            try:
-                psycopg2.connect(host=LOOPBACK, port=self.port, user="postgres").close()
-                return
-            except psycopg2.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        def connect() -> bool:
+            psycopg2.connect(host=LOOPBACK, port=self.port, user="postgres").close()
+            return True
+
+        self.poll_until(connect, deadline, "accepted a connection")
 
     @property
     def url(self) -> str:

@@ -46,33 +46,31 @@ def _read(path: str) -> int:
         return int(f.read())
 
 
-def test_synchronized_counter_is_exact(backend: Backend, tmp_path: os.PathLike) -> None:
-    conf = backend.write_config(str(tmp_path))
-    counter = _counter(tmp_path)
-    iterations = 25
+def _count_in_parallel(conf: str, counter: str, iterations: int) -> float:
+    """PROCS workers each increment ``counter`` ``iterations`` times; seconds taken."""
     start = time.monotonic()
     procs = [
         spawn_worker(
-            "count",
-            "--config",
-            conf,
-            "--counter",
-            counter,
-            "--iterations",
-            str(iterations),
-            "--pause",
-            "0.002",
+            *("count", "--config", conf, "--counter", counter),
+            *("--iterations", str(iterations), "--pause", "0.002"),
         )
         for _ in range(PROCS)
     ]
     for proc in procs:
         finish(proc, timeout=180)
+    return time.monotonic() - start
+
+
+def test_synchronized_counter_is_exact(backend: Backend, tmp_path: os.PathLike) -> None:
+    counter = _counter(tmp_path)
+    iterations = 25
+    took = _count_in_parallel(backend.write_config(str(tmp_path)), counter, iterations)
     record(
         "counter",
         backend=backend.kind,
         procs=PROCS,
         increments=PROCS * iterations,
-        seconds=round(time.monotonic() - start, 2),
+        seconds=round(took, 2),
     )
     assert _read(counter) == PROCS * iterations
 
@@ -142,22 +140,7 @@ def test_counter_without_locks_loses_updates(tmp_path: os.PathLike) -> None:
         )
     counter = _counter(tmp_path)
     iterations = 25
-    procs = [
-        spawn_worker(
-            "count",
-            "--config",
-            conf,
-            "--counter",
-            counter,
-            "--iterations",
-            str(iterations),
-            "--pause",
-            "0.002",
-        )
-        for _ in range(PROCS)
-    ]
-    for proc in procs:
-        finish(proc, timeout=120)
+    _count_in_parallel(conf, counter, iterations)
     assert _read(counter) < PROCS * iterations
 
 
