@@ -263,9 +263,16 @@ class ToozLockProvider(base.LockProvider):
         """Whether the tooz driver for this URL coordinates several hosts."""
         if self._scheme in _NETWORK_SCHEMES:
             return True
-        driver_cls = stevedore_driver.DriverManager(
-            "tooz.backends", self._scheme, invoke_on_load=False
-        ).driver
+        try:
+            driver_cls = stevedore_driver.DriverManager(
+                "tooz.backends", self._scheme, invoke_on_load=False
+            ).driver
+        except Exception as exc:
+            raise exception.PluginLoadFailed(
+                f"the tooz driver for {self._scheme}:// cannot be loaded "
+                f"({describe_error(exc)}); install its client library, e.g. "
+                f"pip install 'remotefs_aa[backends]'"
+            ) from exc
         traits = getattr(driver_cls, "CHARACTERISTICS", ())
         return tooz_coordination.Characteristics.DISTRIBUTED_ACROSS_HOSTS in traits
 
@@ -415,7 +422,9 @@ class ToozLockProvider(base.LockProvider):
                     target=self._reconnect_loop, name="remotefs_aa-tooz-reconnect", daemon=True
                 )
                 self._reconnect_thread.start()
-                waiting = [lk for lk in self._inflight if lk._generation == generation]
+                # list() copies the set in one step; waiters add and remove
+                # themselves from other threads.
+                waiting = [lk for lk in list(self._inflight) if lk._generation == generation]
             else:
                 waiting = []
         for lock in waiting:

@@ -279,3 +279,15 @@ def test_describe_error_uses_the_cause_when_message_is_empty():
     except tooz_coordination.ToozConnectionError as exc:
         text = tooz_provider.describe_error(exc)
     assert text == "ToozConnectionError: OSError: Connection refused"
+
+
+def test_missing_client_library_is_a_clear_error(monkeypatch):
+    from stevedore import driver as stevedore_driver
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'pymysql'")
+
+    monkeypatch.setattr(stevedore_driver, "DriverManager", broken)
+    prov = ToozLockProvider(make_conf(backend_url="mysql://root@127.0.0.1/test"))
+    with pytest.raises(exception.PluginLoadFailed, match="pymysql.*install its client library"):
+        prov.spans_hosts
