@@ -290,4 +290,4 @@ def test_missing_client_library_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(stevedore_driver, "DriverManager", broken)
     prov = ToozLockProvider(make_conf(backend_url="mysql://root@127.0.0.1/test"))
     with pytest.raises(exception.PluginLoadFailed, match="pymysql.*install its client library"):
-        prov.spans_hosts
+        _ = prov.spans_hosts
