@@ -85,3 +85,34 @@ class LockProviderStartFailed(LockError):
 
 class HostLocalLockProvider(LockError):
     """An Active-Active service was configured with a host-local lock provider."""
+
+
+class PrivilegedError(RemoteFSAAError):
+    """Base of the errors of privileged operations.
+
+    These cross the privsep channel as (class, args) and are rebuilt on the
+    caller's side, so each subclass must be constructible from its args.
+    """
+
+
+class PrivilegedArgumentRefused(PrivilegedError):
+    """A privileged entrypoint refused an argument (path outside the bases, ...)."""
+
+
+class PrivilegedCommandFailed(PrivilegedError):
+    """A command run with privileges failed or timed out."""
+
+    def __init__(self, command: str, returncode: int, stderr: str) -> None:
+        super().__init__(command, returncode, stderr)
+        self.command = command
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        how = "timed out" if self.returncode == -1 else f"failed with exit code {self.returncode}"
+        detail = self.stderr.strip()[-2000:]
+        return f"{self.command} {how}" + (f": {detail}" if detail else "")
+
+
+class PrivilegedHelperUnavailable(PrivilegedError):
+    """The privileged helper could not be started or reached."""

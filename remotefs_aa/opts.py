@@ -118,21 +118,80 @@ coordination_opts = [
     ),
 ]
 
+privileged_opts = [
+    cfg.StrOpt(
+        "mode",
+        default="privsep",
+        choices=[
+            ("privsep", "a long-lived oslo.privsep daemon per capability set (default)"),
+            ("rootwrap_daemon", "the oslo.rootwrap daemon, commands checked by filters"),
+            ("sudo_rootwrap", "one 'sudo oslo-rootwrap' per call: the legacy, slow way"),
+            ("direct", "run in this process; only when it is already root (tests)"),
+        ],
+        help="How privileged operations run. Driver code calls the same functions in every mode.",
+    ),
+    cfg.StrOpt(
+        "root_helper",
+        default="sudo",
+        help="Command that gains root to start the privsep daemon (privsep "
+        "mode) or the rootwrap daemon; empty when the service already runs "
+        "as root.",
+    ),
+    cfg.ListOpt(
+        "allowed_paths",
+        default=["$state_path"],
+        help="Directories under which privileged file operations, qemu-img and "
+        "mount points may act. Every path argument is resolved (symlinks, "
+        "'..') and refused unless it lies under one of these. The drivers add "
+        "their mount point bases.",
+    ),
+    cfg.IntOpt(
+        "command_timeout",
+        default=3600,
+        min=1,
+        help="Seconds after which a privileged command (qemu-img convert, "
+        "commit, mount ...) is killed and reported as failed.",
+    ),
+    cfg.IntOpt(
+        "qemu_img_info_max_memory",
+        default=1024,
+        min=64,
+        help="Address-space limit, in MiB, for qemu-img info and check, which "
+        "parse images that tenants may have crafted.",
+    ),
+    cfg.IntOpt(
+        "qemu_img_info_max_cpu",
+        default=30,
+        min=1,
+        help="CPU-time limit, in seconds, for qemu-img info and check.",
+    ),
+]
+
 COORDINATION_GROUP = "coordination"
+PRIVILEGED_GROUP = "privileged"
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register every remotefs_aa option on ``conf`` (idempotent)."""
     conf.register_opts(core_opts)
     conf.register_opts(coordination_opts, group=COORDINATION_GROUP)
+    conf.register_opts(privileged_opts, group=PRIVILEGED_GROUP)
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
-    """Options by group, for oslo-config-generator."""
+    """Options by group, for oslo-config-generator (privsep sections included)."""
     return [
         ("DEFAULT", list(core_opts)),
         (COORDINATION_GROUP, list(coordination_opts)),
+        (PRIVILEGED_GROUP, list(privileged_opts)),
     ]
+
+
+def list_all_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
+    """:func:`list_opts` plus the privsep daemons' sections, for the sample."""
+    from remotefs_aa import privsep
+
+    return [*list_opts(), *privsep.list_opts()]
 
 
 def _all_opts() -> Iterable[tuple[str | None, cfg.Opt]]:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
-from remotefs_aa import __version__, coordination, exception, opts
+from remotefs_aa import __version__, coordination, exception, opts, privsep
 
 LOG = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def load_config(args: argparse.Namespace, conf: cfg.ConfigOpts | None = None) ->
     """Register options, read the files named on the command line, validate."""
     conf = conf if conf is not None else cfg.ConfigOpts()
     opts.register_opts(conf)
+    privsep.register_opts(conf)
     oslo_log.register_options(conf)
     cli: list[str] = []
     for path in args.config_file:

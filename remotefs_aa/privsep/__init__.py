@@ -1,0 +1,158 @@
+"""Everything remotefs_aa does as root, on one screen.
+
+Two privilege contexts, each with only the capabilities its job needs and
+its own config section (``helper_command``, ``user``, ``thread_pool_size``):
+
+* ``sys_admin_pctxt`` (``[remotefs_aa_privsep_mount]``): CAP_SYS_ADMIN, for
+  mount and umount of shares;
+* ``file_pctxt`` (``[remotefs_aa_privsep_files]``): CAP_CHOWN,
+  CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, for qemu-img on
+  root-owned images and for file operations.
+
+The entrypoints live in ``mount.py``, ``qemu.py`` and ``files.py``; each takes
+typed arguments, checks them with ``confine.py`` inside the daemon, and runs
+one fixed command or system call. None runs an arbitrary argv.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shlex
+import shutil
+import sys
+
+from oslo_config import cfg
+from oslo_privsep import capabilities as caps
+from oslo_privsep import priv_context
+
+from remotefs_aa import exception, opts
+
+MOUNT_SECTION = "remotefs_aa_privsep_mount"
+FILES_SECTION = "remotefs_aa_privsep_files"
+
+MOUNT_CAPS = [caps.CAP_SYS_ADMIN]
+FILES_CAPS = [caps.CAP_CHOWN, caps.CAP_DAC_OVERRIDE, caps.CAP_DAC_READ_SEARCH, caps.CAP_FOWNER]
+
+sys_admin_pctxt = priv_context.PrivContext(
+    "remotefs_aa",
+    cfg_section=MOUNT_SECTION,
+    pypath=__name__ + ".sys_admin_pctxt",
+    capabilities=MOUNT_CAPS,
+)
+
+file_pctxt = priv_context.PrivContext(
+    "remotefs_aa",
+    cfg_section=FILES_SECTION,
+    pypath=__name__ + ".file_pctxt",
+    capabilities=FILES_CAPS,
+)
+
+_CAP_NAMES = {v: k for k, v in caps.CAPS_BYNAME.items()}
+
+CONTEXTS = {MOUNT_SECTION: sys_admin_pctxt, FILES_SECTION: file_pctxt}
+
+# Inside the daemon the options come from the config files privsep-helper
+# was started with, parsed into the global CONF.
+opts.register_opts(cfg.CONF)
+
+
+class Settings:
+    """The values the entrypoints enforce, read where they run.
+
+    In the daemon they come from the global CONF (the service's own config
+    files, passed to privsep-helper); in ``direct`` mode from the service's
+    ConfigOpts through :func:`init`.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        group = conf.privileged
+        self.allowed_paths: list[str] = [p for p in group.allowed_paths if p]
+        self.command_timeout: int = group.command_timeout
+        self.info_max_memory: int = group.qemu_img_info_max_memory
+        self.info_max_cpu: int = group.qemu_img_info_max_cpu
+
+
+_settings: Settings | None = None
+
+
+def settings() -> Settings:
+    """Current settings; loaded from the global CONF on first use."""
+    global _settings
+    if _settings is None:
+        _settings = Settings(cfg.CONF)
+    return _settings
+
+
+def _helper_command(conf: cfg.ConfigOpts) -> str:
+    """``[root_helper] <venv>/bin/privsep-helper --config-file ...``."""
+    helper = os.path.join(os.path.dirname(sys.executable), "privsep-helper")
+    if not os.path.exists(helper):
+        helper = shutil.which("privsep-helper") or helper
+    argv = [*shlex.split(conf.privileged.root_helper or ""), helper]
+    for path in conf.config_file or []:
+        argv += ["--config-file", os.path.abspath(path)]
+    for path in conf.config_dir or []:
+        argv += ["--config-dir", os.path.abspath(path)]
+    return shlex.join(argv)
+
+
+def init(conf: cfg.ConfigOpts) -> None:
+    """Choose how privileged calls run, from ``[privileged] mode``.
+
+    ``privsep``: each context starts its daemon on first use through
+    ``helper_command`` (default: root_helper + privsep-helper + this
+    service's config files; set it in the context's section to override).
+    ``direct``: entrypoints run in this process, which must be root.
+    """
+    global _settings
+    mode = conf.privileged.mode
+    if mode == "direct":
+        if os.geteuid() != 0:
+            raise exception.InvalidConfig(
+                "[privileged] mode", mode, "needs a service running as root; use privsep"
+            )
+        for ctx in CONTEXTS.values():
+            ctx.set_client_mode(False)
+        _settings = Settings(conf)
+        return
+    if mode != "privsep":
+        raise exception.InvalidConfig(
+            "[privileged] mode", mode, "is not available in this version; use privsep or direct"
+        )
+    for section, ctx in CONTEXTS.items():
+        ctx.set_client_mode(True)
+        own = _section_value(conf, section, "helper_command")
+        cfg.CONF.set_override("helper_command", own or _helper_command(conf), group=section)
+
+
+def _section_value(conf: cfg.ConfigOpts, section: str, key: str) -> object:
+    try:
+        return conf[section][key]
+    except (cfg.NoSuchOptError, cfg.NoSuchGroupError):
+        return None
+
+
+def stop() -> None:
+    """Stop the daemons this process started (they also die with it)."""
+    for ctx in CONTEXTS.values():
+        if ctx.client_mode and ctx.channel is not None:
+            ctx.stop()
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register the privsep context sections on a service's ConfigOpts."""
+    for section, opt_list in list_opts():
+        conf.register_opts(opt_list, group=section)
+
+
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    """The privsep context sections, with each context's own capabilities."""
+    result = []
+    for section, capset in ((MOUNT_SECTION, MOUNT_CAPS), (FILES_SECTION, FILES_CAPS)):
+        section_opts = copy.deepcopy(priv_context.OPTS)
+        for opt in section_opts:
+            if opt.dest == "capabilities":
+                opt.default = [_CAP_NAMES.get(c, str(c)) for c in capset]
+        result.append((section, section_opts))
+    return result

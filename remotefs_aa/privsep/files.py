@@ -1,0 +1,152 @@
+"""File operations on root-owned files (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER).
+
+System calls, not commands: no process is started for any of these.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from remotefs_aa import exception
+from remotefs_aa.privsep import confine, file_pctxt, settings
+
+MAX_READ = 1024 * 1024
+
+
+def _path(path: str, what: str = "path") -> str:
+    return confine.resolve_inside(path, settings().allowed_paths, what)
+
+
+@file_pctxt.entrypoint
+def make_directory(path: str, mode: int = 0o755) -> None:
+    """Create ``path`` and missing parents inside an allowed base."""
+    os.makedirs(_path(path, "directory"), mode=confine.mode_bits(mode), exist_ok=True)
+
+
+@file_pctxt.entrypoint
+def chmod(path: str, mode: int) -> None:
+    """Set permission bits (no setuid/setgid/sticky)."""
+    os.chmod(_path(path), confine.mode_bits(mode), follow_symlinks=False)
+
+
+@file_pctxt.entrypoint
+def chown(path: str, uid: int, gid: int) -> None:
+    """Change owner and group (``-1`` keeps one of them)."""
+    for value, what in ((uid, "uid"), (gid, "gid")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+            raise exception.PrivilegedArgumentRefused(f"{what} must be an integer >= -1")
+    os.chown(_path(path), uid, gid, follow_symlinks=False)
+
+
+@file_pctxt.entrypoint
+def unlink(path: str) -> bool:
+    """Remove a file; False if it did not exist. Directories are refused."""
+    target = _path(path)
+    if os.path.isdir(target) and not os.path.islink(target):
+        raise exception.PrivilegedArgumentRefused(f"{path!r} is a directory; not removed")
+    try:
+        os.unlink(target)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@file_pctxt.entrypoint
+def truncate(path: str, size_bytes: int) -> None:
+    """Create or resize a sparse file to ``size_bytes``."""
+    target = _path(path)
+    size = confine.positive_int(size_bytes, "size")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+@file_pctxt.entrypoint
+def fallocate(path: str, size_bytes: int) -> None:
+    """Create or grow a file with ``size_bytes`` really allocated (thick)."""
+    target = _path(path)
+    size = confine.positive_int(size_bytes, "size")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+@file_pctxt.entrypoint
+def write_file_atomic(path: str, data: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync dir.
+
+    A reader sees the old content or the new, never a torn file, even if the
+    daemon dies half-way.
+    """
+    target = _path(path)
+    directory = os.path.dirname(target)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, confine.mode_bits(mode))
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@file_pctxt.entrypoint
+def read_file(path: str, max_bytes: int = MAX_READ) -> str:
+    """Read a small text file (an .info file); larger files are refused."""
+    target = _path(path)
+    limit = min(confine.positive_int(max_bytes, "max_bytes"), MAX_READ)
+    with open(target, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise exception.PrivilegedArgumentRefused(f"{path!r} is larger than {limit} bytes")
+    return data.decode()
+
+
+@file_pctxt.entrypoint
+def statvfs(path: str) -> dict:
+    """Total, free and available bytes of the filesystem holding ``path``."""
+    st = os.statvfs(confine.resolve(path, settings().allowed_paths))
+    return {
+        "total": st.f_blocks * st.f_frsize,
+        "free": st.f_bfree * st.f_frsize,
+        "available": st.f_bavail * st.f_frsize,
+    }
+
+
+@file_pctxt.entrypoint
+def ping() -> bool:
+    """Do nothing: measures the cost of one round trip to the daemon."""
+    return True
+
+
+@file_pctxt.entrypoint
+def daemon_info() -> dict:
+    """Who the file daemon is: pid, uid and effective capability mask.
+
+    Lets an operator (and the tests) see that the daemon runs apart from the
+    service with only the capabilities of its context.
+    """
+    return _self_info()
+
+
+def _self_info() -> dict:
+    cap_eff = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                cap_eff = int(line.split()[1], 16)
+    return {"pid": os.getpid(), "uid": os.getuid(), "cap_eff": cap_eff}

@@ -1,0 +1,174 @@
+"""The real oslo.privsep daemons, started through privsep-helper, doing real work.
+
+As root (CI), the helper is started without sudo; the separation from an
+unprivileged service is proven in test_privsep_unprivileged.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from oslo_config import cfg
+from oslo_privsep import capabilities as caps
+
+from remotefs_aa import exception, opts, privsep
+from remotefs_aa.privsep import files, mount, qemu
+
+pytestmark = pytest.mark.functional
+
+Refused = exception.PrivilegedArgumentRefused
+
+
+def _bit(cap: int) -> int:
+    return 1 << cap
+
+
+@pytest.fixture
+def base(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    conf_file = tmp_path / "rfsaa.conf"
+    conf_file.write_text(
+        f"[DEFAULT]\nstate_path = {state}\n[privileged]\nmode = privsep\nroot_helper =\n"
+    )
+    conf = cfg.ConfigOpts()
+    opts.register_opts(conf)
+    privsep.register_opts(conf)
+    conf(["--config-file", str(conf_file)], default_config_files=[])
+    privsep.init(conf)
+    yield str(state)
+    if mount.is_mounted(str(state / "mnt")):
+        mount.umount(str(state / "mnt"))
+    privsep.stop()
+
+
+def test_daemons_are_separate_processes_with_least_capabilities(base):
+    file_info = files.daemon_info()
+    mount_info = mount.daemon_info()
+    assert file_info["pid"] != os.getpid() and mount_info["pid"] != os.getpid()
+    assert file_info["pid"] != mount_info["pid"]
+    assert file_info["cap_eff"] & _bit(caps.CAP_CHOWN)
+    assert file_info["cap_eff"] & _bit(caps.CAP_DAC_OVERRIDE)
+    assert not file_info["cap_eff"] & _bit(caps.CAP_SYS_ADMIN)
+    assert mount_info["cap_eff"] == _bit(caps.CAP_SYS_ADMIN)
+
+
+def test_tmpfs_mount_and_umount(base):
+    target = os.path.join(base, "mnt")
+    assert mount.mount("tmpfs", "tmpfs", target, ["size=1m", "mode=0755"]) is True
+    try:
+        assert mount.is_mounted(target)
+        assert mount.mount("tmpfs", "tmpfs", target, ["size=1m"]) is False  # idempotent
+        with open("/proc/self/mountinfo") as f:
+            assert any(line.split()[4] == os.path.realpath(target) for line in f)
+    finally:
+        assert mount.umount(target) is True
+    assert mount.umount(target) is False
+
+
+def qemu_io(image: str, fmt: str, command: str) -> None:
+    subprocess.run(["qemu-io", "-f", fmt, "-c", command, image], check=True, capture_output=True)
+
+
+def test_qemu_img_chain_through_daemon(base):
+    mib = 1024 * 1024
+    vol = os.path.join(base, "volume-1")
+    qemu.qemu_img_create(vol, "raw", 16 * mib)
+    qemu_io(vol, "raw", "write -P 0x11 0 1M")
+    s1 = os.path.join(base, "volume-1.s1")
+    s2 = os.path.join(base, "volume-1.s2")
+    qemu.qemu_img_create(s1, "qcow2", backing_file="volume-1", backing_fmt="raw")
+    qemu_io(s1, "qcow2", "write -P 0x22 1M 1M")
+    qemu.qemu_img_create(s2, "qcow2", backing_file="volume-1.s1", backing_fmt="qcow2")
+    qemu_io(s2, "qcow2", "write -P 0x33 2M 1M")
+    chain = qemu.qemu_img_info(s2, fmt="qcow2", backing_chain=True)
+    assert [i["filename"] for i in chain] == [s2, s1, vol]
+    assert chain[0]["backing-filename"] == "volume-1.s1"  # relative: any host can open it
+
+    # Delete the middle snapshot: merge s1 into the base, point s2 at the base.
+    qemu.qemu_img_commit(s1, "qcow2")
+    qemu.qemu_img_rebase(s2, "volume-1", "raw", unsafe=True)
+    assert files.unlink(s1) is True
+    chain = qemu.qemu_img_info(s2, backing_chain=True)
+    assert [i["filename"] for i in chain] == [s2, vol]
+    for offset, pattern in ((0, "0x11"), (1, "0x22"), (2, "0x33")):
+        qemu_io(s2, "qcow2", f"read -P {pattern} {offset}M 1M")
+    assert qemu.qemu_img_check(s2)["exit_code"] == 0
+
+    qemu.qemu_img_resize(vol, "raw", 32 * mib)
+    assert qemu.qemu_img_info(vol, fmt="raw")["virtual-size"] == 32 * mib
+    flat = os.path.join(base, "volume-2")
+    qemu.qemu_img_convert(s2, "qcow2", flat, "raw")
+    qemu_io(flat, "raw", "read -P 0x33 2M 1M")
+
+
+def test_file_operations_and_ownership(base):
+    d = os.path.join(base, "sub", "dir")
+    files.make_directory(d, 0o750)
+    assert oct(os.stat(d).st_mode & 0o777) == "0o750"
+    info = os.path.join(d, "volume-1.info")
+    files.write_file_atomic(info, '{"active": "volume-1"}', 0o640)
+    assert files.read_file(info) == '{"active": "volume-1"}'
+    files.chown(info, 65534, 65534)
+    st = os.stat(info)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o640)
+    img = os.path.join(d, "thick")
+    files.fallocate(img, 4 * 1024 * 1024)
+    assert os.stat(img).st_blocks * 512 >= 4 * 1024 * 1024
+    sparse = os.path.join(d, "sparse")
+    files.truncate(sparse, 1 << 30)
+    assert os.stat(sparse).st_size == 1 << 30 and os.stat(sparse).st_blocks == 0
+    stats = files.statvfs(base)
+    assert stats["total"] >= stats["free"] >= stats["available"] > 0
+    assert not [n for n in os.listdir(d) if n.startswith(".tmp-")]
+
+
+def test_confinement_is_enforced_by_the_real_daemon(base, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink("/etc", os.path.join(base, "etc-link"))
+    cases = [
+        (files.read_file, ("/etc/shadow",), "outside the allowed directories"),
+        (files.read_file, (f"{base}/../../../etc/passwd",), "outside"),
+        (files.read_file, (os.path.join(base, "etc-link", "shadow"),), "resolves to '/etc/shadow'"),
+        (files.unlink, (str(outside / "x"),), "outside"),
+        (files.chmod, (os.path.join(base, "etc-link", "passwd"), 0o666), "outside"),
+        (files.write_file_atomic, ("relative.info", "x"), "not an absolute path"),
+        (files.chmod, (os.path.join(base, "f"), 0o4755), "permission bits"),
+        (mount.mount, ("tmpfs", "tmpfs", os.path.join(base, "m"), ["size=1m", "-oexec"]), "plain"),
+        (mount.mount, ("nfs", "host:/x -o exec", os.path.join(base, "m")), "share"),
+        (mount.mount, ("tmpfs", "tmpfs", str(outside / "m")), "outside"),
+        (mount.mount, ("ext4", "/dev/sda1", os.path.join(base, "m")), "filesystem type"),
+        (mount.mount, ("nfs", "h:/x", os.path.join(base, "m"), ["helper=/bin/sh"]), "not allowed"),
+        (mount.mount, ("tmpfs", "tmpfs", base), "base directory itself"),
+        (qemu.qemu_img_create, (os.path.join(base, "o"), "qcow2", None, "../x", "raw"), "plain"),
+        (qemu.qemu_img_create, (os.path.join(base, "o"), "vmdk", 1024), "format"),
+        (qemu.qemu_img_info, ("/etc/shadow",), "outside"),
+    ]
+    for func, args, message in cases:
+        with pytest.raises(Refused, match=message):
+            func(*args)
+    assert not os.path.exists(os.path.join(base, "m"))
+    assert not os.path.exists(os.path.join(base, "o"))
+
+
+def test_failed_command_is_a_clear_error(base):
+    missing = os.path.join(base, "no-such-image")
+    with pytest.raises(exception.PrivilegedCommandFailed, match="qemu-img info .*no-such-image"):
+        qemu.qemu_img_info(missing)
+
+
+def test_killed_daemon_is_restarted_on_next_call(base):
+    first = files.daemon_info()["pid"]
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{first}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # let the client notice the closed channel
+    second = files.daemon_info()["pid"]
+    assert second != first
+    assert files.ping() is True
