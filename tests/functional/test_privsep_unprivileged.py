@@ -1,0 +1,172 @@
+"""An unprivileged service process, a sudo rule for privsep-helper only, real daemons.
+
+The fixture creates a system user, a virtualenv it can read (made with
+Debian's /usr/bin/python3: the default python3 here lives in root's home),
+and a sudoers rule that allows that user exactly one command: the venv's
+privsep-helper. The service process then proves the separation: what it
+cannot do itself (mount, write into a root-owned directory, read a root-only
+image) it can do through the daemon, and nothing else through sudo.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+
+import pytest
+
+from tests.functional.conftest import REPO
+
+pytestmark = pytest.mark.functional
+
+USER = "rfsaa-svc"
+SUDOERS = "/etc/sudoers.d/rfsaa-privsep-test"
+
+
+def _must_be_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("these tests create a user and a sudo rule: run them as root (CI does)")
+    for tool in ("sudo", "visudo", "useradd", "runuser"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed; run tools/bootstrap.sh --test")
+
+
+@pytest.fixture(scope="module")
+def service_venv() -> str:
+    """A venv with remotefs_aa installed that the service user can run."""
+    _must_be_root()
+    with open(os.path.join(REPO, "setup.cfg"), "rb") as f:
+        key = hashlib.sha256(f.read()).hexdigest()[:12]
+    venv = f"/var/tmp/rfsaa-service-venv-{key}"
+    if not os.path.exists(os.path.join(venv, ".ready")):
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", venv], check=True)
+        subprocess.run(
+            [f"{venv}/bin/pip", "install", "-q", "--disable-pip-version-check", REPO],
+            check=True,
+            timeout=900,
+        )
+        open(os.path.join(venv, ".ready"), "w").close()
+    else:  # the project code changes more often than its dependencies
+        subprocess.run(
+            [f"{venv}/bin/pip", "install", "-q", "--no-deps", "--force-reinstall", REPO],
+            check=True,
+            timeout=600,
+        )
+    subprocess.run(["chmod", "-R", "a+rX", venv], check=True)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def service_user(service_venv: str):
+    """The user, and a sudo rule allowing it only the venv's privsep-helper."""
+    created = subprocess.run(["id", USER], capture_output=True).returncode != 0
+    if created:
+        subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
+    rule = f"{USER} ALL=(root) NOPASSWD: {service_venv}/bin/privsep-helper *\n"
+    tmp = SUDOERS + ".new"
+    with open(tmp, "w") as f:
+        f.write(rule)
+    os.chmod(tmp, 0o440)
+    subprocess.run(["visudo", "-cf", tmp], check=True, capture_output=True)
+    os.replace(tmp, SUDOERS)
+    try:
+        yield USER
+    finally:
+        os.unlink(SUDOERS)
+        if created:
+            subprocess.run(["userdel", USER], check=False)
+
+
+SERVICE = textwrap.dedent(
+    """
+    import ctypes, json, os, subprocess, sys
+    from oslo_config import cfg
+    from remotefs_aa import exception, opts, privsep
+    from remotefs_aa.privsep import files, mount, qemu
+
+    base, conf_file = sys.argv[1], sys.argv[2]
+    conf = cfg.ConfigOpts(); opts.register_opts(conf); privsep.register_opts(conf)
+    conf(["--config-file", conf_file], default_config_files=[])
+    privsep.init(conf)
+    out = {"uid": os.getuid()}
+    target = os.path.join(base, "mnt")
+    out["daemon_mount"] = mount.mount("tmpfs", "tmpfs", target, ["size=1m"])
+    out["mounted"] = mount.is_mounted(target)
+    out["daemon_umount"] = mount.umount(target)
+    # The same mount from the service itself, now that the mount point exists.
+    direct = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", target],
+                            capture_output=True, text=True)
+    out["direct_mount_rc"] = direct.returncode
+    out["direct_mount_err"] = direct.stderr.strip()
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, None)
+    out["direct_mount_syscall_errno"] = ctypes.get_errno() if rc != 0 else 0
+    try:
+        open(os.path.join(base, "volume-1"), "w")
+        out["direct_write"] = "allowed"
+    except PermissionError as exc:
+        out["direct_write"] = "EACCES"
+    qemu.qemu_img_create(os.path.join(base, "volume-1"), "raw", 1 << 20)
+    qemu.qemu_img_create(os.path.join(base, "volume-1.s1"), "qcow2",
+                         backing_file="volume-1", backing_fmt="raw")
+    files.chmod(os.path.join(base, "volume-1.s1"), 0o600)
+    info = qemu.qemu_img_info(os.path.join(base, "volume-1.s1"), backing_chain=True)
+    out["chain"] = [i["filename"] for i in info]
+    direct_info = subprocess.run(["qemu-img", "info", os.path.join(base, "volume-1.s1")],
+                                 capture_output=True, text=True)
+    out["direct_info_rc"] = direct_info.returncode
+    try:
+        files.read_file("/etc/shadow")
+        out["shadow"] = "read"
+    except exception.PrivilegedArgumentRefused as exc:
+        out["shadow"] = str(exc)
+    out["daemon_uid"] = files.daemon_info()["uid"]
+    sudo_any = subprocess.run(["sudo", "-n", "true"], capture_output=True, text=True)
+    out["sudo_true_rc"] = sudo_any.returncode
+    privsep.stop()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_unprivileged_service_works_only_through_the_daemon(service_venv, service_user):
+    base = tempfile.mkdtemp(prefix="rfsaa-unpriv-")
+    os.chmod(base, 0o755)  # noqa: S103 - root-owned: the service user cannot write here
+    conf_file = os.path.join(base, "rfsaa.conf")
+    with open(conf_file, "w") as f:
+        f.write(
+            f"[DEFAULT]\nstate_path = {base}\n[privileged]\nmode = privsep\nroot_helper = sudo -n\n"
+        )
+    os.chmod(conf_file, 0o644)
+    try:
+        result = subprocess.run(
+            ["runuser", "-u", service_user, "--", f"{service_venv}/bin/python", "-c", SERVICE,
+             base, conf_file],
+            capture_output=True, text=True, timeout=300, cwd="/",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-4000:]
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["umount", os.path.join(base, "mnt")], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(out))
+    assert out["uid"] != 0
+    assert out["direct_mount_rc"] != 0, out
+    assert "superuser" in out["direct_mount_err"] or "ermission" in out["direct_mount_err"]
+    assert out["direct_mount_syscall_errno"] == errno.EPERM  # the service cannot mount
+    assert out["daemon_mount"] is True and out["mounted"] is True and out["daemon_umount"] is True
+    assert out["direct_write"] == "EACCES"
+    assert out["chain"] == [f"{base}/volume-1.s1", f"{base}/volume-1"]
+    assert out["direct_info_rc"] != 0  # the 0600 root-owned overlay is unreadable to it
+    assert "outside the allowed directories" in out["shadow"]
+    assert out["daemon_uid"] == 0
+    assert out["sudo_true_rc"] != 0  # sudo allows it privsep-helper and nothing else
+    st = os.stat(conf_file) if os.path.exists(conf_file) else None
+    assert st is None  # cleaned up
