@@ -137,6 +137,13 @@ privileged_opts = [
         "mode) or the rootwrap daemon; empty when the service already runs "
         "as root.",
     ),
+    cfg.StrOpt(
+        "rootwrap_config",
+        default="/etc/remotefs_aa/rootwrap.conf",
+        help="oslo.rootwrap configuration for the rootwrap_daemon and "
+        "sudo_rootwrap modes. Its filters must come from "
+        "`remotefs-aa rootwrap-filters` for this configuration.",
+    ),
     cfg.ListOpt(
         "allowed_paths",
         default=["$state_path"],

@@ -98,7 +98,23 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--format", choices=("table", "json"), default="table")
     check.set_defaults(func=cmd_lock_check)
+    filters = commands.add_parser(
+        "rootwrap-filters",
+        help="print oslo.rootwrap filters for this configuration's allowed_paths",
+        description="Print the rootwrap filters the rootwrap_daemon and sudo_rootwrap "
+        "modes need, for [privileged] allowed_paths of this configuration. Write "
+        "them to the filters_path of [privileged] rootwrap_config.",
+    )
+    filters.set_defaults(func=cmd_rootwrap_filters)
     return parser
+
+
+def cmd_rootwrap_filters(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    """Print the generated rootwrap filters."""
+    from remotefs_aa.privsep import rootwrap_filters
+
+    print(rootwrap_filters.generate(conf.privileged.allowed_paths), end="")
+    return 0
 
 
 def load_config(args: argparse.Namespace, conf: cfg.ConfigOpts | None = None) -> cfg.ConfigOpts:

@@ -27,6 +27,7 @@ from oslo_privsep import capabilities as caps
 from oslo_privsep import priv_context
 
 from remotefs_aa import exception, opts
+from remotefs_aa.privsep import runner
 
 MOUNT_SECTION = "remotefs_aa_privsep_mount"
 FILES_SECTION = "remotefs_aa_privsep_files"
@@ -84,6 +85,12 @@ def settings() -> Settings:
     return _settings
 
 
+def _tool(name: str) -> str:
+    """A console script of this environment (the venv's bin dir first)."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else (shutil.which(name) or here)
+
+
 def _helper_command(conf: cfg.ConfigOpts) -> str:
     """``[root_helper] <venv>/bin/privsep-helper --config-file ...``."""
     helper = os.path.join(os.path.dirname(sys.executable), "privsep-helper")
@@ -115,11 +122,39 @@ def init(conf: cfg.ConfigOpts) -> None:
         for ctx in CONTEXTS.values():
             ctx.set_client_mode(False)
         _settings = Settings(conf)
+        runner.set_executor(runner.Executor())
         return
-    if mode != "privsep":
-        raise exception.InvalidConfig(
-            "[privileged] mode", mode, "is not available in this version; use privsep or direct"
-        )
+    if mode in ("rootwrap_daemon", "sudo_rootwrap"):
+        # The entrypoint bodies run in this process (arguments are checked
+        # here, and again by the rootwrap filters); their commands gain root
+        # through rootwrap.
+        for ctx in CONTEXTS.values():
+            ctx.set_client_mode(False)
+        _settings = Settings(conf)
+        helper = shlex.split(conf.privileged.root_helper or "")
+        config = conf.privileged.rootwrap_config
+        if not os.path.isfile(config):
+            raise exception.InvalidConfig(
+                "[privileged] rootwrap_config", config, "no such file; see etc/remotefs_aa/"
+            )
+        for allowed in _settings.allowed_paths:
+            real = os.path.realpath(allowed).rstrip("/") + "/"
+            if os.path.realpath(config).startswith(real):
+                raise exception.InvalidConfig(
+                    "[privileged] rootwrap_config",
+                    config,
+                    f"lies under allowed path {allowed}, so the privileged commands "
+                    f"could rewrite their own filters; keep it in a root-only "
+                    f"directory such as /etc/remotefs_aa",
+                )
+        if mode == "rootwrap_daemon":
+            runner.set_executor(
+                runner.RootwrapDaemonExecutor(helper, _tool("oslo-rootwrap-daemon"), config)
+            )
+        else:
+            runner.set_executor(runner.SudoRootwrapExecutor(helper, _tool("oslo-rootwrap"), config))
+        return
+    runner.set_executor(runner.Executor())
     for section, ctx in CONTEXTS.items():
         ctx.set_client_mode(True)
         own = _section_value(conf, section, "helper_command")

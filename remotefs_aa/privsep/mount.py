@@ -38,7 +38,10 @@ def mount(fstype: str, share: str, mountpoint: str, options: list[str] | None = 
         share = confine.resolve(share, s.allowed_paths, "bind-mount source")
     if _mounted_at(target):
         return False
-    os.makedirs(target, mode=0o755, exist_ok=True)
+    if runner.via_commands():
+        runner.run(["mkdir", "-p", "-m", "755", "--", target], timeout=s.command_timeout)
+    else:
+        os.makedirs(target, mode=0o755, exist_ok=True)
     argv = ["mount", "-t", fstype]
     if checked:
         argv += ["-o", ",".join(checked)]

@@ -16,7 +16,7 @@ from oslo_config import cfg
 from oslo_privsep import capabilities as caps
 
 from remotefs_aa import exception, opts, privsep
-from remotefs_aa.privsep import files, mount, qemu
+from remotefs_aa.privsep import files, mount, qemu, rootwrap_filters, runner
 
 pytestmark = pytest.mark.functional
 
@@ -27,26 +27,50 @@ def _bit(cap: int) -> int:
     return 1 << cap
 
 
-@pytest.fixture
-def base(tmp_path):
+MODES = ["privsep", "rootwrap_daemon", "sudo_rootwrap"]
+
+
+def _start(tmp_path, mode: str) -> str:
     state = tmp_path / "state"
     state.mkdir()
     conf_file = tmp_path / "rfsaa.conf"
-    conf_file.write_text(
-        f"[DEFAULT]\nstate_path = {state}\n[privileged]\nmode = privsep\nroot_helper =\n"
-    )
+    text = f"[DEFAULT]\nstate_path = {state}\n[privileged]\nmode = {mode}\n"
+    if mode == "privsep":
+        text += "root_helper =\n"  # already root: privsep-helper without sudo
+    else:
+        filters = tmp_path / "rootwrap.d"
+        filters.mkdir()
+        (filters / "remotefs_aa.filters").write_text(rootwrap_filters.generate([str(state)]))
+        (tmp_path / "rootwrap.conf").write_text(rootwrap_filters.rootwrap_conf(str(filters)))
+        text += f"root_helper = sudo -n\nrootwrap_config = {tmp_path}/rootwrap.conf\n"
+    conf_file.write_text(text)
     conf = cfg.ConfigOpts()
     opts.register_opts(conf)
     privsep.register_opts(conf)
     conf(["--config-file", str(conf_file)], default_config_files=[])
     privsep.init(conf)
-    yield str(state)
-    if mount.is_mounted(str(state / "mnt")):
-        mount.umount(str(state / "mnt"))
+    return str(state)
+
+
+@pytest.fixture(params=MODES)
+def base(request, tmp_path):
+    """A state directory, with privileged calls going through ``request.param``."""
+    state = _start(tmp_path, request.param)
+    yield state
+    if mount.is_mounted(os.path.join(state, "mnt")):
+        mount.umount(os.path.join(state, "mnt"))
+    privsep.stop()
+    privsep.runner.set_executor(privsep.runner.Executor())
+
+
+@pytest.fixture
+def daemon_base(tmp_path):
+    """Like ``base``, privsep mode only (tests about the daemon itself)."""
+    yield _start(tmp_path, "privsep")
     privsep.stop()
 
 
-def test_daemons_are_separate_processes_with_least_capabilities(base):
+def test_daemons_are_separate_processes_with_least_capabilities(daemon_base):
     file_info = files.daemon_info()
     mount_info = mount.daemon_info()
     assert file_info["pid"] != os.getpid() and mount_info["pid"] != os.getpid()
@@ -162,7 +186,7 @@ def test_failed_command_is_a_clear_error(base):
         qemu.qemu_img_info(missing)
 
 
-def test_killed_daemon_is_restarted_on_next_call(base):
+def test_killed_daemon_is_restarted_on_next_call(daemon_base):
     first = files.daemon_info()["pid"]
     os.kill(first, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -172,3 +196,27 @@ def test_killed_daemon_is_restarted_on_next_call(base):
     second = files.daemon_info()["pid"]
     assert second != first
     assert files.ping() is True
+
+
+@pytest.mark.parametrize("mode", ["rootwrap_daemon", "sudo_rootwrap"])
+def test_rootwrap_filters_refuse_other_commands(tmp_path, mode):
+    """Commands outside the generated filters are refused by rootwrap itself."""
+    state = _start(tmp_path, mode)
+    try:
+        for argv in (
+            ["cat", "/etc/shadow"],
+            ["rm", "-rf", "--", "/"],
+            ["chmod", "777", "--", "/etc"],
+        ):
+            with pytest.raises(exception.PrivilegedCommandFailed):
+                runner.run(argv, timeout=30)
+        outside = tmp_path / "outside"
+        with pytest.raises(exception.PrivilegedCommandFailed):
+            runner.run(["truncate", "-s", "1", "--", str(outside)], timeout=30)
+        assert not outside.exists()
+        with pytest.raises(exception.PrivilegedCommandFailed):
+            runner.run(["truncate", "-s", "1", "--", f"{state}/../outside"], timeout=30)
+        assert not outside.exists()
+    finally:
+        privsep.stop()
+        runner.set_executor(runner.Executor())

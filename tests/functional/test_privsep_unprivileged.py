@@ -21,6 +21,7 @@ import textwrap
 
 import pytest
 
+from remotefs_aa.privsep import rootwrap_filters
 from tests.functional.conftest import REPO
 
 pytestmark = pytest.mark.functional
@@ -64,12 +65,24 @@ def service_venv() -> str:
 
 
 @pytest.fixture(scope="module")
-def service_user(service_venv: str):
-    """The user, and a sudo rule allowing it only the venv's privsep-helper."""
+def rootwrap_dir() -> str:
+    """Root-only rootwrap config, outside every path the service may touch."""
+    directory = tempfile.mkdtemp(prefix="rfsaa-rootwrap-")
+    os.chmod(directory, 0o755)  # noqa: S103 - root-owned, read-only for others
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def service_user(service_venv: str, rootwrap_dir: str):
+    """The user, and a sudo rule allowing it only privsep-helper and the rootwrap daemon."""
     created = subprocess.run(["id", USER], capture_output=True).returncode != 0
     if created:
         subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
-    rule = f"{USER} ALL=(root) NOPASSWD: {service_venv}/bin/privsep-helper *\n"
+    rule = (
+        f"{USER} ALL=(root) NOPASSWD: {service_venv}/bin/privsep-helper *, "
+        f"{service_venv}/bin/oslo-rootwrap-daemon {rootwrap_dir}/rootwrap.conf\n"
+    )
     tmp = SUDOERS + ".new"
     with open(tmp, "w") as f:
         f.write(rule)
@@ -136,13 +149,23 @@ SERVICE = textwrap.dedent(
 )
 
 
-def test_unprivileged_service_works_only_through_the_daemon(service_venv, service_user):
+@pytest.mark.parametrize("mode", ["privsep", "rootwrap_daemon"])
+def test_unprivileged_service_works_only_through_the_daemon(
+    service_venv, service_user, rootwrap_dir, mode
+):
     base = tempfile.mkdtemp(prefix="rfsaa-unpriv-")
     os.chmod(base, 0o755)  # noqa: S103 - root-owned: the service user cannot write here
+    filters = os.path.join(rootwrap_dir, "rootwrap.d")
+    os.makedirs(filters, exist_ok=True)
+    with open(os.path.join(filters, "remotefs_aa.filters"), "w") as f:
+        f.write(rootwrap_filters.generate([base]))
+    with open(os.path.join(rootwrap_dir, "rootwrap.conf"), "w") as f:
+        f.write(rootwrap_filters.rootwrap_conf(filters))
     conf_file = os.path.join(base, "rfsaa.conf")
     with open(conf_file, "w") as f:
         f.write(
-            f"[DEFAULT]\nstate_path = {base}\n[privileged]\nmode = privsep\nroot_helper = sudo -n\n"
+            f"[DEFAULT]\nstate_path = {base}\n[privileged]\nmode = {mode}\n"
+            f"root_helper = sudo -n\nrootwrap_config = {rootwrap_dir}/rootwrap.conf\n"
         )
     os.chmod(conf_file, 0o644)
     try:
@@ -166,7 +189,8 @@ def test_unprivileged_service_works_only_through_the_daemon(service_venv, servic
     assert out["chain"] == [f"{base}/volume-1.s1", f"{base}/volume-1"]
     assert out["direct_info_rc"] != 0  # the 0600 root-owned overlay is unreadable to it
     assert "outside the allowed directories" in out["shadow"]
-    assert out["daemon_uid"] == 0
+    if mode == "privsep":
+        assert out["daemon_uid"] == 0  # rootwrap runs only the commands as root
     assert out["sudo_true_rc"] != 0  # sudo allows it privsep-helper and nothing else
     st = os.stat(conf_file) if os.path.exists(conf_file) else None
     assert st is None  # cleaned up
