@@ -17,17 +17,23 @@ one fixed command or system call. None runs an arbitrary argv.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from oslo_config import cfg
 from oslo_privsep import capabilities as caps
+from oslo_privsep import daemon as priv_daemon
 from oslo_privsep import priv_context
 
 from remotefs_aa import exception, opts
 from remotefs_aa.privsep import runner
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 MOUNT_SECTION = "remotefs_aa_privsep_mount"
 FILES_SECTION = "remotefs_aa_privsep_files"
@@ -50,6 +56,36 @@ file_pctxt = priv_context.PrivContext(
 )
 
 _CAP_NAMES = {v: k for k, v in caps.CAPS_BYNAME.items()}
+
+
+def entrypoint(ctx: priv_context.PrivContext) -> Callable[[F], F]:
+    """``ctx.entrypoint`` plus a clear error when the daemon cannot start.
+
+    oslo.privsep reports a helper that fails (sudo refuses, wrong path) as
+    FailedToDropPrivileges with no hint; callers get
+    PrivilegedHelperUnavailable naming the context, the command and the fix.
+    """
+
+    def decorate(func: F) -> F:
+        inner = ctx.entrypoint(func)
+
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return inner(*args, **kwargs)
+            except priv_daemon.FailedToDropPrivileges as exc:
+                raise exception.PrivilegedHelperUnavailable(
+                    f"could not start the privileged daemon [{ctx.cfg_section}] with "
+                    f"{ctx.conf.helper_command!r}: {exc}. Check [privileged] root_helper "
+                    f"and that sudo allows privsep-helper (etc/remotefs_aa/sudoers.d)"
+                ) from exc
+
+        # The daemon looks entrypoints up by name and checks this marker.
+        setattr(call, priv_context._ENTRYPOINT_ATTR, ctx)
+        return call  # type: ignore[return-value]
+
+    return decorate
+
 
 CONTEXTS = {MOUNT_SECTION: sys_admin_pctxt, FILES_SECTION: file_pctxt}
 

@@ -12,7 +12,7 @@ import secrets
 import tempfile
 
 from remotefs_aa import exception
-from remotefs_aa.privsep import confine, file_pctxt, runner, settings
+from remotefs_aa.privsep import confine, entrypoint, file_pctxt, runner, settings
 
 MAX_READ = 1024 * 1024
 
@@ -25,7 +25,7 @@ def _path(path: str, what: str = "path") -> str:
     return confine.resolve_inside(path, settings().allowed_paths, what)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def make_directory(path: str, mode: int = 0o755) -> None:
     """Create ``path`` and missing parents inside an allowed base."""
     target, bits = _path(path, "directory"), confine.mode_bits(mode)
@@ -35,7 +35,7 @@ def make_directory(path: str, mode: int = 0o755) -> None:
         os.makedirs(target, mode=bits, exist_ok=True)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def chmod(path: str, mode: int) -> None:
     """Set permission bits (no setuid/setgid/sticky)."""
     target, bits = _path(path), confine.mode_bits(mode)
@@ -45,7 +45,7 @@ def chmod(path: str, mode: int) -> None:
         os.chmod(target, bits, follow_symlinks=False)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def chown(path: str, uid: int, gid: int) -> None:
     """Change owner and group (``-1`` keeps one of them)."""
     for value, what in ((uid, "uid"), (gid, "gid")):
@@ -60,7 +60,7 @@ def chown(path: str, uid: int, gid: int) -> None:
         os.chown(target, uid, gid, follow_symlinks=False)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def unlink(path: str) -> bool:
     """Remove a file; False if it did not exist. Directories are refused."""
     target = _path(path)
@@ -76,7 +76,7 @@ def unlink(path: str) -> bool:
     return True
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def truncate(path: str, size_bytes: int) -> None:
     """Create or resize a sparse file to ``size_bytes``."""
     target = _path(path)
@@ -91,7 +91,7 @@ def truncate(path: str, size_bytes: int) -> None:
         os.close(fd)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def fallocate(path: str, size_bytes: int) -> None:
     """Create or grow a file with ``size_bytes`` really allocated (thick)."""
     target = _path(path)
@@ -106,7 +106,7 @@ def fallocate(path: str, size_bytes: int) -> None:
         os.close(fd)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def write_file_atomic(path: str, data: str, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync dir.
 
@@ -146,7 +146,7 @@ def write_file_atomic(path: str, data: str, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def read_file(path: str, max_bytes: int = MAX_READ) -> str:
     """Read a small text file (an .info file); larger files are refused."""
     target = _path(path)
@@ -161,7 +161,7 @@ def read_file(path: str, max_bytes: int = MAX_READ) -> str:
     return data.decode()
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def statvfs(path: str) -> dict:
     """Total, free and available bytes of the filesystem holding ``path``."""
     # statvfs needs no privilege, only search permission on the path.
@@ -173,13 +173,13 @@ def statvfs(path: str) -> dict:
     }
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def ping() -> bool:
     """Do nothing: measures the cost of one round trip to the daemon."""
     return True
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def daemon_info() -> dict:
     """Who the file daemon is: pid, uid and effective capability mask.
 

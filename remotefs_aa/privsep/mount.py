@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from remotefs_aa import exception
-from remotefs_aa.privsep import confine, runner, settings, sys_admin_pctxt
+from remotefs_aa.privsep import confine, entrypoint, runner, settings, sys_admin_pctxt
 
 
 def _mounted_at(mountpoint: str) -> bool:
@@ -17,7 +17,7 @@ def _mounted_at(mountpoint: str) -> bool:
     return False
 
 
-@sys_admin_pctxt.entrypoint
+@entrypoint(sys_admin_pctxt)
 def mount(fstype: str, share: str, mountpoint: str, options: list[str] | None = None) -> bool:
     """Mount ``share`` at ``mountpoint``; False if it was already mounted there.
 
@@ -49,7 +49,7 @@ def mount(fstype: str, share: str, mountpoint: str, options: list[str] | None = 
     return True
 
 
-@sys_admin_pctxt.entrypoint
+@entrypoint(sys_admin_pctxt)
 def umount(mountpoint: str) -> bool:
     """Unmount ``mountpoint``; False if nothing was mounted there."""
     s = settings()
@@ -60,14 +60,14 @@ def umount(mountpoint: str) -> bool:
     return True
 
 
-@sys_admin_pctxt.entrypoint
+@entrypoint(sys_admin_pctxt)
 def is_mounted(mountpoint: str) -> bool:
     """Whether something is mounted at ``mountpoint`` (as the daemon sees it)."""
     target = confine.resolve_inside(mountpoint, settings().allowed_paths, "mount point")
     return _mounted_at(target)
 
 
-@sys_admin_pctxt.entrypoint
+@entrypoint(sys_admin_pctxt)
 def daemon_info() -> dict:
     """Pid, uid and effective capabilities of the mount daemon."""
     from remotefs_aa.privsep.files import _self_info

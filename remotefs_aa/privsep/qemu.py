@@ -12,7 +12,7 @@ import json
 import os
 
 from remotefs_aa import exception
-from remotefs_aa.privsep import confine, file_pctxt, runner, settings
+from remotefs_aa.privsep import confine, entrypoint, file_pctxt, runner, settings
 
 
 def _image(path: str, what: str = "image") -> str:
@@ -26,7 +26,7 @@ def _backing(image: str, backing_file: str) -> str:
     return name
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def qemu_img_create(
     path: str,
     fmt: str,
@@ -49,7 +49,7 @@ def qemu_img_create(
     runner.run(argv, timeout=settings().command_timeout)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def qemu_img_info(
     path: str, fmt: str | None = None, backing_chain: bool = False, force_share: bool = False
 ) -> dict | list:
@@ -72,14 +72,14 @@ def qemu_img_info(
     return json.loads(out)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def qemu_img_commit(path: str, fmt: str = "qcow2") -> None:
     """Merge the overlay at ``path`` into its backing file."""
     argv = ["qemu-img", "commit", "-q", "-f", confine.image_format(fmt), _image(path)]
     runner.run(argv, timeout=settings().command_timeout)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def qemu_img_rebase(path: str, backing_file: str, backing_fmt: str, unsafe: bool = False) -> None:
     """Point the qcow2 overlay at ``path`` to another backing file."""
     image = _image(path)
@@ -90,7 +90,7 @@ def qemu_img_rebase(path: str, backing_file: str, backing_fmt: str, unsafe: bool
     runner.run(argv, timeout=settings().command_timeout)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def qemu_img_resize(path: str, fmt: str, size_bytes: int) -> None:
     """Grow an image to ``size_bytes`` (shrinking is refused by qemu-img)."""
     argv = ["qemu-img", "resize", "-q", "-f", confine.image_format(fmt), _image(path)]
@@ -99,7 +99,7 @@ def qemu_img_resize(path: str, fmt: str, size_bytes: int) -> None:
     )
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def qemu_img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool = True) -> None:
     """Copy an image (or a whole chain, flattened) into a new file."""
     argv = ["qemu-img", "convert", "-q", "-f", confine.image_format(src_fmt)]
@@ -110,7 +110,7 @@ def qemu_img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: boo
     runner.run(argv, timeout=settings().command_timeout)
 
 
-@file_pctxt.entrypoint
+@entrypoint(file_pctxt)
 def qemu_img_check(path: str, fmt: str = "qcow2") -> dict:
     """``qemu-img check --output=json``; exit codes 2 and 3 (damage) return data too."""
     s = settings()

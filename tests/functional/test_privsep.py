@@ -220,3 +220,20 @@ def test_rootwrap_filters_refuse_other_commands(tmp_path, mode):
     finally:
         privsep.stop()
         runner.set_executor(runner.Executor())
+
+
+def test_helper_that_cannot_start_is_a_clear_error_not_a_hang(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    conf_file = tmp_path / "rfsaa.conf"
+    conf_file.write_text(f"[DEFAULT]\nstate_path = {state}\n[privileged]\nroot_helper = false\n")
+    conf = cfg.ConfigOpts()
+    opts.register_opts(conf)
+    privsep.register_opts(conf)
+    conf(["--config-file", str(conf_file)], default_config_files=[])
+    privsep.init(conf)
+    started = time.monotonic()
+    with pytest.raises(exception.PrivilegedHelperUnavailable, match="root_helper"):
+        files.ping()
+    assert time.monotonic() - started < 30
+    privsep.stop()
