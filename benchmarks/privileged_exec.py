@@ -471,6 +471,12 @@ def summarize(raw: dict[str, Any], startup: dict[str, dict[str, Any]]) -> dict[s
                 "met": speedup > 1.0,
             }
         )
+    # Where ours loses to direct: the daemon round trip (measured by the no-op)
+    # and, the rest, running the command in the daemon rather than here.
+    split = {
+        "ours_minus_direct_us": true["ours"]["median_us"] - true["direct"]["median_us"],
+        "round_trip_us": stats["noop"]["ours"]["median_us"],
+    }
     for entry in startup.values():
         workload, path = entry["variant"]
         entry["steady_median_us"] = stats[workload][path]["median_us"]
@@ -480,6 +486,7 @@ def summarize(raw: dict[str, Any], startup: dict[str, dict[str, Any]]) -> dict[s
         "seconds": raw["seconds"],
         "stats": stats,
         "goals": goals,
+        "overhead_split": split,
         "startup": {k: {**v, "variant": list(v["variant"])} for k, v in startup.items()},
         "samples_us": {
             f"{w}/{p}": [round(v, 1) for v in per_round.values()]
@@ -611,6 +618,12 @@ def report(out: dict[str, Any]) -> str:
         for g in out["goals"]
     ]
     lines.append(render_table(["goal", "measured", "limit", "verdict"], rows, right={1, 2}))
+    split = out["overhead_split"]
+    lines += [
+        "",
+        f"ours - direct for /bin/true: {_fmt(split['ours_minus_direct_us'])} µs median, of which "
+        f"{_fmt(split['round_trip_us'])} µs is the bare daemon round trip (files.ping)",
+    ]
     lines += [
         "",
         "DAEMON START-UP: the first call starts the daemon; start-up ≈ first call - steady median",
