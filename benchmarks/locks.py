@@ -52,6 +52,10 @@ from tooz import coordination as tooz_coordination
 
 from remotefs_aa import coordination, exception, opts
 
+# Run as a script (python benchmarks/locks.py): make the repo root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import percentile, render_table
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("local", "file", "redis", "zookeeper", "etcd", "memcached", "mysql", "postgresql")
 SERVER_BACKENDS = frozenset({"redis", "zookeeper", "etcd", "memcached", "mysql", "postgresql"})
@@ -127,33 +131,6 @@ def backend_settings(backend: str, workdir: str) -> Iterator[Settings]:
 # --------------------------------------------------------------------------
 # Statistics and tables
 # --------------------------------------------------------------------------
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile (no interpolation: every result was observed)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def render_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
-    """Fixed-width text table; columns in ``right`` are right-aligned."""
-    right = right if right is not None else set(range(1, len(headers)))
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        out = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(out).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
 def _fmt(value: float, digits: int = 1) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 
 from remotefs_aa import exception
 from remotefs_aa.privsep import confine, entrypoint, file_pctxt, runner, settings
@@ -79,29 +80,28 @@ def unlink(path: str) -> bool:
 @entrypoint(file_pctxt)
 def truncate(path: str, size_bytes: int) -> None:
     """Create or resize a sparse file to ``size_bytes``."""
-    target = _path(path)
-    size = confine.positive_int(size_bytes, "size")
-    if runner.via_commands():
-        _cmd(["truncate", "-s", str(size), "--", target])
-        return
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
+    _size_file(path, size_bytes, "truncate", "-s", lambda fd, size: os.ftruncate(fd, size))
 
 
 @entrypoint(file_pctxt)
 def fallocate(path: str, size_bytes: int) -> None:
     """Create or grow a file with ``size_bytes`` really allocated (thick)."""
+    _size_file(
+        path, size_bytes, "fallocate", "-l", lambda fd, size: os.posix_fallocate(fd, 0, size)
+    )
+
+
+def _size_file(
+    path: str, size_bytes: int, command: str, flag: str, syscall: Callable[[int, int], None]
+) -> None:
     target = _path(path)
     size = confine.positive_int(size_bytes, "size")
     if runner.via_commands():
-        _cmd(["fallocate", "-l", str(size), "--", target])
+        _cmd([command, flag, str(size), "--", target])
         return
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        os.posix_fallocate(fd, 0, size)
+        syscall(fd, size)
     finally:
         os.close(fd)
 
