@@ -17,7 +17,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need python3-venv
 if (( want_test )); then
     # Real servers for the functional tests; started by the tests on 127.0.0.1.
     for p in redis-server zookeeper etcd-server etcd-client memcached mariadb-server postgresql \
-        qemu-utils sudo; do
+        qemu-utils sudo python3-venv; do
         need "$p"
     done
 fi
