@@ -15,7 +15,8 @@ need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" 
 command -v python3 >/dev/null || need python3
 python3 -c 'import venv, ensurepip' 2>/dev/null || need python3-venv
 if (( want_test )); then
-    # Real servers for the functional tests; started by the tests on 127.0.0.1.
+    # Real servers for the functional tests (started by the tests on 127.0.0.1),
+    # plus qemu-utils, sudo and Debian's venv for the privileged-helper tests.
     for p in redis-server zookeeper etcd-server etcd-client memcached mariadb-server postgresql \
         qemu-utils sudo python3-venv; do
         need "$p"
