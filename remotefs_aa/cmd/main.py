@@ -261,10 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         conf = load_config(args)
-    except exception.InvalidConfig as exc:
-        print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    except (cfg.Error, ValueError) as exc:
+    except (exception.InvalidConfig, cfg.Error, ValueError) as exc:
         print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     _setup_logging(conf, args)

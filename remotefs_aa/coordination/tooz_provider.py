@@ -52,6 +52,7 @@ class ToozLock(base.Lock):
         self._generation, self._coordinator = provider._coordinator_for_lock(name)
         self._lock = self._coordinator.get_lock(name.encode())
         self._held = False
+        self._wake: threading.Event | None = None  # set while a wait is under way
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """See :meth:`remotefs_aa.coordination.base.Lock.acquire`.
@@ -170,9 +171,8 @@ class ToozLock(base.Lock):
 
     def cancel_wait(self) -> None:
         """Make a waiting :meth:`acquire` give up: the backend connection is gone."""
-        wake = getattr(self, "_wake", None)
-        if wake is not None:
-            wake.set()
+        if self._wake is not None:
+            self._wake.set()
 
     def _cancel_backend_wait(self) -> None:
         # Ask the client to stop waiting too, so its helper thread ends when

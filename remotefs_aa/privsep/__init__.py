@@ -227,3 +227,16 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
                 opt.default = [_CAP_NAMES.get(c, str(c)) for c in capset]
         result.append((section, section_opts))
     return result
+
+
+def process_info() -> dict:
+    """Pid, uid and effective capability mask of the calling process.
+
+    Called by each context's ``daemon_info`` entrypoint, inside its daemon.
+    """
+    cap_eff = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                cap_eff = int(line.split()[1], 16)
+    return {"pid": os.getpid(), "uid": os.getuid(), "cap_eff": cap_eff}

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 
 from remotefs_aa import exception
-from remotefs_aa.privsep import confine, entrypoint, file_pctxt, runner, settings
+from remotefs_aa.privsep import confine, entrypoint, file_pctxt, process_info, runner, settings
 
 MAX_READ = 1024 * 1024
 
@@ -123,7 +123,7 @@ def write_file_atomic(path: str, data: str, mode: int = 0o644) -> None:
             _cmd(["chmod", f"{bits:o}", "--", tmp])
             _cmd(["mv", "-fT", "--", tmp, target])
         except BaseException:
-            runner.run(["rm", "-f", "--", tmp], timeout=settings().command_timeout)
+            _cmd(["rm", "-f", "--", tmp])
             raise
         _cmd(["sync", "--", directory])
         return
@@ -186,13 +186,4 @@ def daemon_info() -> dict:
     Lets an operator (and the tests) see that the daemon runs apart from the
     service with only the capabilities of its context.
     """
-    return _self_info()
-
-
-def _self_info() -> dict:
-    cap_eff = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                cap_eff = int(line.split()[1], 16)
-    return {"pid": os.getpid(), "uid": os.getuid(), "cap_eff": cap_eff}
+    return process_info()

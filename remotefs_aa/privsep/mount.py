@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 
 from remotefs_aa import exception
-from remotefs_aa.privsep import confine, entrypoint, runner, settings, sys_admin_pctxt
+from remotefs_aa.privsep import (
+    confine,
+    entrypoint,
+    process_info,
+    runner,
+    settings,
+    sys_admin_pctxt,
+)
 
 
 def _mounted_at(mountpoint: str) -> bool:
@@ -70,6 +77,4 @@ def is_mounted(mountpoint: str) -> bool:
 @entrypoint(sys_admin_pctxt)
 def daemon_info() -> dict:
     """Pid, uid and effective capabilities of the mount daemon."""
-    from remotefs_aa.privsep.files import _self_info
-
-    return _self_info()
+    return process_info()

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import REPO
 from tests.functional import servers
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BACKENDS = ["file", "redis", "zookeeper", "etcd", "memcached", "mysql", "postgresql"]
 
 

@@ -44,31 +44,18 @@ def _emit(**data: object) -> None:
 
 
 def do_count(args: argparse.Namespace) -> int:
-    coordination.start(_conf(args.config))
-
-    @coordination.synchronized("counter-{key}")
-    def locked_increment(key: str) -> None:
-        increment(args.counter, args.pause)
-
-    try:
-        for _ in range(args.iterations):
-            locked_increment(os.path.basename(args.counter))
-    finally:
-        coordination.stop()
-    _emit(done=args.iterations)
-    return 0
-
-
-def do_pair(args: argparse.Namespace) -> int:
+    """Increment the counter under one lock (count) or two, in the given order (pair)."""
     coordination.start(_conf(args.config))
 
     @coordination.synchronized("{first}", "{second}")
-    def both(first: str, second: str) -> None:
+    def locked_increment(first: str, second: str) -> None:
         increment(args.counter, args.pause)
 
+    first = args.first or f"counter-{os.path.basename(args.counter)}"
+    second = args.second or first  # one name twice is one lock
     try:
         for _ in range(args.iterations):
-            both(args.first, args.second)
+            locked_increment(first, second)
     finally:
         coordination.stop()
     _emit(done=args.iterations)
@@ -182,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {
         "count": do_count,
-        "pair": do_pair,
+        "pair": do_count,
         "hold": do_hold,
         "acquire": do_acquire,
         "outage": do_outage,

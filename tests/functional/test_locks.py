@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests import run_cli
 from tests.functional.conftest import (
     BACKENDS,
     REPO,
@@ -103,26 +104,8 @@ def test_lock_run_counter_is_exact(backend: Backend, tmp_path: os.PathLike) -> N
 
 def test_lock_run_passes_exit_status(backend: Backend, tmp_path: os.PathLike) -> None:
     conf = backend.write_config(str(tmp_path))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "remotefs_aa.cmd.main",
-            "--config-file",
-            conf,
-            "lock",
-            "run",
-            "status",
-            "--",
-            "sh",
-            "-c",
-            "exit 7",
-        ],
-        cwd=REPO,
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_cli(
+        "--config-file", conf, "lock", "run", "status", "--", "sh", "-c", "exit 7", env=worker_env()
     )
     assert result.returncode == 7, result.stderr
 
@@ -156,25 +139,8 @@ def test_killed_holder_releases_lock(backend: Backend, tmp_path: os.PathLike) ->
             assert time.monotonic() < deadline, "holder never took the lock"
             time.sleep(0.05)
         # The lock is really held: a non-blocking attempt elsewhere fails.
-        busy = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "remotefs_aa.cmd.main",
-                "--config-file",
-                conf,
-                "lock",
-                "run",
-                "-n",
-                "victim",
-                "--",
-                "true",
-            ],
-            cwd=REPO,
-            env=worker_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
+        busy = run_cli(
+            "--config-file", conf, "lock", "run", "-n", "victim", "--", "true", env=worker_env()
         )
         assert busy.returncode == 75, busy.stderr
         assert "remotefs_aa-victim" in busy.stderr

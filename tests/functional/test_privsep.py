@@ -30,13 +30,15 @@ def _bit(cap: int) -> int:
 MODES = ["privsep", "rootwrap_daemon", "sudo_rootwrap"]
 
 
-def _start(tmp_path, mode: str) -> str:
+def _start(tmp_path, mode: str, root_helper: str = "") -> str:
+    """Write a config for ``mode``, load it, ``privsep.init`` it; the state dir."""
     state = tmp_path / "state"
     state.mkdir()
     conf_file = tmp_path / "rfsaa.conf"
     text = f"[DEFAULT]\nstate_path = {state}\n[privileged]\nmode = {mode}\n"
     if mode == "privsep":
-        text += "root_helper =\n"  # already root: privsep-helper without sudo
+        # Already root: privsep-helper runs without sudo unless told otherwise.
+        text += f"root_helper = {root_helper}\n"
     else:
         filters = tmp_path / "rootwrap.d"
         filters.mkdir()
@@ -223,15 +225,7 @@ def test_rootwrap_filters_refuse_other_commands(tmp_path, mode):
 
 
 def test_helper_that_cannot_start_is_a_clear_error_not_a_hang(tmp_path):
-    state = tmp_path / "state"
-    state.mkdir()
-    conf_file = tmp_path / "rfsaa.conf"
-    conf_file.write_text(f"[DEFAULT]\nstate_path = {state}\n[privileged]\nroot_helper = false\n")
-    conf = cfg.ConfigOpts()
-    opts.register_opts(conf)
-    privsep.register_opts(conf)
-    conf(["--config-file", str(conf_file)], default_config_files=[])
-    privsep.init(conf)
+    _start(tmp_path, "privsep", root_helper="false")
     started = time.monotonic()
     with pytest.raises(exception.PrivilegedHelperUnavailable, match="root_helper"):
         files.ping()

@@ -8,8 +8,8 @@ import pytest
 from oslo_config import cfg, generator
 
 from remotefs_aa import exception, opts
+from tests import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE = os.path.join(REPO, "etc", "remotefs_aa", "remotefs_aa.conf.sample")
 
 

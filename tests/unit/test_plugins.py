@@ -14,9 +14,8 @@ from remotefs_aa import coordination, drivers, exception, plugins
 from remotefs_aa.coordination.local import LocalLockProvider
 from remotefs_aa.coordination.tooz_provider import ToozLockProvider
 from remotefs_aa.drivers.base import VolumeDriver
+from tests import REPO, run_cli
 from tests.unit.fakes import make_conf
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_lock_providers_load_by_entry_point_name():
@@ -29,7 +28,7 @@ def test_lock_providers_load_by_entry_point_name():
     )
 
 
-def test_lock_provider_loads_by_dotted_path(tmp_path):
+def test_lock_provider_loads_by_dotted_path():
     conf = make_conf(lock_provider="remotefs_aa.coordination.local.LocalLockProvider")
     assert isinstance(coordination.load_provider(conf), LocalLockProvider)
 
@@ -154,44 +153,17 @@ def test_third_party_package_adds_driver_and_provider_by_entry_points(tmp_path):
     assert "acme" in found["drivers"] and "acme" in found["providers"]
     assert found["driver"] == "acme_rfsaa.AcmeDriver"
 
-    check = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "remotefs_aa.cmd.main",
-            "--config-file",
-            str(conf_file),
-            "lock",
-            "check",
-            "--format",
-            "json",
-            "--rounds",
-            "3",
-        ],
+    check = run_cli(
+        "--config-file", str(conf_file), "lock", "check", "--format", "json", "--rounds", "3",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    )  # fmt: skip
     assert check.returncode == 0, check.stderr
     report = json.loads(check.stdout)
     assert report["lock_provider"] == "acme"
     assert report["backend"].startswith("acme locks in ")
     # Without the distribution on the path the same name is unknown.
-    check = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "remotefs_aa.cmd.main",
-            "--config-file",
-            str(conf_file),
-            "lock",
-            "check",
-        ],
-        env=dict(os.environ, PYTHONPATH=REPO),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    check = run_cli(
+        "--config-file", str(conf_file), "lock", "check", env=dict(os.environ, PYTHONPATH=REPO)
     )
     assert check.returncode == 78
     assert "unknown lock provider 'acme'" in check.stderr

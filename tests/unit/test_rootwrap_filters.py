@@ -10,9 +10,9 @@ from oslo_rootwrap import wrapper
 
 from remotefs_aa import privsep
 from remotefs_aa.privsep import files, mount, qemu, rootwrap_filters, runner
+from tests import REPO
 
 EXEC_DIRS = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Recorder(runner.Executor):

@@ -153,7 +153,7 @@ def fake(monkeypatch):
     prov.stop()
 
 
-def test_heartbeat_thread_only_when_required(fake, file_provider, monkeypatch):
+def test_heartbeat_thread_only_when_required(fake, monkeypatch):
     prov, _state = fake
     assert prov.requires_heartbeat and prov._heartbeat_thread.is_alive()
     monkeypatch.setattr(FakeCoordinator, "requires_beating", False)
