@@ -33,7 +33,6 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
 import queue
 import random
 import shutil
@@ -42,7 +41,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from types import ModuleType
 from typing import Any
 
@@ -54,7 +52,7 @@ from remotefs_aa import coordination, exception, opts
 
 # Run as a script (python benchmarks/locks.py): make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import percentile, render_table
+from benchmarks._common import machine_header, machine_meta, percentile, render_table
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("local", "file", "redis", "zookeeper", "etcd", "memcached", "mysql", "postgresql")
@@ -158,20 +156,13 @@ def uncontended_variants(
     per-call lock object costs by itself.
     """
     closers: list[Callable[[], None]] = []
+    new_lock: Callable[[], Any]
     if settings["lock_provider"] == "local":
         # The local provider's baseline is the file lock it wraps, on its file.
         path = os.path.join(settings["state_path"], "locks", LOCK_NAME)
 
-        def bare() -> None:
-            lk = lockutils.InterProcessLock(path)
-            _must(lk.acquire(), "bare")
-            lk.release()
-
-        reused = lockutils.InterProcessLock(path)
-
-        def bare_reuse() -> None:
-            _must(reused.acquire(), "bare-reuse")
-            reused.release()
+        def new_lock() -> Any:
+            return lockutils.InterProcessLock(path)
 
     else:
         coord = tooz_coordination.get_coordinator(
@@ -179,18 +170,20 @@ def uncontended_variants(
         )
         coord.start()
         closers.append(coord.stop)
-        raw_name = LOCK_NAME.encode()
 
-        def bare() -> None:
-            lk = coord.get_lock(raw_name)
-            _must(lk.acquire(), "bare")
-            lk.release()
+        def new_lock() -> Any:
+            return coord.get_lock(LOCK_NAME.encode())
 
-        reused_tooz = coord.get_lock(raw_name)
+    def bare() -> None:
+        lk = new_lock()
+        _must(lk.acquire(), "bare")
+        lk.release()
 
-        def bare_reuse() -> None:
-            _must(reused_tooz.acquire(), "bare-reuse")
-            reused_tooz.release()
+    reused = new_lock()
+
+    def bare_reuse() -> None:
+        _must(reused.acquire(), "bare-reuse")
+        reused.release()
 
     def provider_lock() -> None:
         lk = provider.get_lock(LOCK_NAME)
@@ -536,16 +529,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
-    versions = {}
     dists = ("tooz", "oslo.concurrency", "fasteners", "redis", "kazoo", "etcd3gw", "pymemcache")
-    for dist in dists:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
     return {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-        "versions": versions,
+        **machine_meta(dists),
         "args": {k: v for k, v in vars(args).items() if k not in ("t0", "json")},
         "goal": f"synchronized adds <= {GOAL_PCT:g} % or <= {GOAL_US:g} µs over bare",
     }
@@ -557,10 +543,7 @@ def report(out: dict[str, Any]) -> str:
     a = meta["args"]
     lines = [
         "",
-        f"Python {meta['python']}, {meta['cpus']} CPUs, load average "
-        f"{meta['loadavg_start'][0]:.2f} at start, {meta['loadavg_end'][0]:.2f} at end; "
-        f"wall time {meta['wall_s']:.0f} s",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        *machine_header(meta),
         "",
         f"UNCONTENDED acquire+release, µs per operation (up to {a['rounds']} rounds x "
         f"{a['block']} ops per variant, variants interleaved in shuffled blocks)",

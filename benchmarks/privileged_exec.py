@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -56,14 +55,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from typing import Any
 
 from oslo_concurrency import processutils
 from oslo_config import cfg
 from oslo_privsep import priv_context
 
-from benchmarks._common import percentile, render_table
+from benchmarks._common import machine_header, machine_meta, percentile, render_table
 from remotefs_aa import opts, privsep
 from remotefs_aa.privsep import files, runner
 
@@ -519,18 +517,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
-    versions = {}
-    for dist in ("oslo.privsep", "oslo.rootwrap", "oslo.concurrency"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
+    meta = machine_meta(("oslo.privsep", "oslo.rootwrap", "oslo.concurrency"), args.loadavg_start)
     qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True, check=False)
     words = qemu.stdout.split()  # "qemu-img version 7.2.19 (Debian ...)"
-    versions["qemu-img"] = words[2] if len(words) > 2 else "?"
+    meta["versions"]["qemu-img"] = words[2] if len(words) > 2 else "?"
     return {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "loadavg_start": args.loadavg_start,
-        "versions": versions,
+        **meta,
         "args": {k: v for k, v in vars(args).items() if k not in ("t0", "json", "loadavg_start")},
     }
 
@@ -546,10 +538,7 @@ def report(out: dict[str, Any]) -> str:
     a = meta["args"]
     lines = [
         "",
-        f"Python {meta['python']}, {meta['cpus']} CPUs, load average "
-        f"{meta['loadavg_start'][0]:.2f} at start, {meta['loadavg_end'][0]:.2f} at end; "
-        f"wall time {meta['wall_s']:.0f} s ({out['seconds']:.0f} s timed)",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        *machine_header(meta, out["seconds"]),
         "",
         f"µs per call. {out['rounds']} rounds; every round calls each path once, in a "
         "shuffled order",
