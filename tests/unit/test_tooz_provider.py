@@ -37,6 +37,12 @@ def test_spans_hosts_follows_the_backend(url, spans):
     assert ToozLockProvider(make_conf(backend_url=url)).spans_hosts is spans
 
 
+def test_real_file_driver_gets_a_heartbeat_thread_because_tooz_asks(file_provider):
+    assert file_provider.requires_heartbeat
+    assert file_provider._heartbeat_thread is not None
+    assert file_provider._heartbeat_thread.is_alive()
+
+
 def test_file_backend_locks_and_reports_ownership(file_provider):
     lock = file_provider.get_lock("remotefs_aa-v1")
     other = file_provider.get_lock("remotefs_aa-v1")
