@@ -32,6 +32,7 @@ from oslo_privsep import priv_context
 
 from remotefs_aa import exception, opts
 from remotefs_aa.privsep import runner
+from remotefs_aa.privsep.lean import HELPER_NAME, LeanContext
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,14 +42,14 @@ FILES_SECTION = "remotefs_aa_privsep_files"
 MOUNT_CAPS = [caps.CAP_SYS_ADMIN]
 FILES_CAPS = [caps.CAP_CHOWN, caps.CAP_DAC_OVERRIDE, caps.CAP_DAC_READ_SEARCH, caps.CAP_FOWNER]
 
-sys_admin_pctxt = priv_context.PrivContext(
+sys_admin_pctxt = LeanContext(
     "remotefs_aa",
     cfg_section=MOUNT_SECTION,
     pypath=__name__ + ".sys_admin_pctxt",
     capabilities=MOUNT_CAPS,
 )
 
-file_pctxt = priv_context.PrivContext(
+file_pctxt = LeanContext(
     "remotefs_aa",
     cfg_section=FILES_SECTION,
     pypath=__name__ + ".file_pctxt",
@@ -77,7 +78,7 @@ def entrypoint(ctx: priv_context.PrivContext) -> Callable[[F], F]:
                 raise exception.PrivilegedHelperUnavailable(
                     f"could not start the privileged daemon [{ctx.cfg_section}] with "
                     f"{ctx.conf.helper_command!r}: {exc}. Check [privileged] root_helper "
-                    f"and that sudo allows privsep-helper (etc/remotefs_aa/sudoers.d)"
+                    f"and that sudo allows {HELPER_NAME} (etc/remotefs_aa/sudoers.d)"
                 ) from exc
 
         # The daemon looks entrypoints up by name and checks this marker.
@@ -89,7 +90,7 @@ def entrypoint(ctx: priv_context.PrivContext) -> Callable[[F], F]:
 
 CONTEXTS = {MOUNT_SECTION: sys_admin_pctxt, FILES_SECTION: file_pctxt}
 
-# Inside the daemon the options come from the config files privsep-helper
+# Inside the daemon the options come from the config files the helper
 # was started with, parsed into the global CONF.
 opts.register_opts(cfg.CONF)
 
@@ -98,7 +99,7 @@ class Settings:
     """The values the entrypoints enforce, read where they run.
 
     In the daemon they come from the global CONF (the service's own config
-    files, passed to privsep-helper); in ``direct`` mode from the service's
+    files, passed to the helper); in ``direct`` mode from the service's
     ConfigOpts through :func:`init`.
     """
 
@@ -128,11 +129,8 @@ def _tool(name: str) -> str:
 
 
 def _helper_command(conf: cfg.ConfigOpts) -> str:
-    """``[root_helper] <venv>/bin/privsep-helper --config-file ...``."""
-    helper = os.path.join(os.path.dirname(sys.executable), "privsep-helper")
-    if not os.path.exists(helper):
-        helper = shutil.which("privsep-helper") or helper
-    argv = [*shlex.split(conf.privileged.root_helper or ""), helper]
+    """``[root_helper] <venv>/bin/remotefs-aa-privsep-helper --config-file ...``."""
+    argv = [*shlex.split(conf.privileged.root_helper or ""), _tool(HELPER_NAME)]
     for path in conf.config_file or []:
         argv += ["--config-file", os.path.abspath(path)]
     for path in conf.config_dir or []:
@@ -144,7 +142,7 @@ def init(conf: cfg.ConfigOpts) -> None:
     """Choose how privileged calls run, from ``[privileged] mode``.
 
     ``privsep``: each context starts its daemon on first use through
-    ``helper_command`` (default: root_helper + privsep-helper + this
+    ``helper_command`` (default: root_helper + remotefs-aa-privsep-helper + this
     service's config files; set it in the context's section to override).
     ``direct``: entrypoints run in this process, which must be root.
     """

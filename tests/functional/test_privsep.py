@@ -1,4 +1,4 @@
-"""The real oslo.privsep daemons, started through privsep-helper, doing real work.
+"""The real oslo.privsep daemons, started through remotefs-aa-privsep-helper, doing real work.
 
 As root (CI), the helper is started without sudo; the separation from an
 unprivileged service is proven in test_privsep_unprivileged.py.
@@ -37,7 +37,7 @@ def _start(tmp_path, mode: str, root_helper: str = "") -> str:
     conf_file = tmp_path / "rfsaa.conf"
     text = f"[DEFAULT]\nstate_path = {state}\n[privileged]\nmode = {mode}\n"
     if mode == "privsep":
-        # Already root: privsep-helper runs without sudo unless told otherwise.
+        # Already root: the helper runs without sudo unless told otherwise.
         text += f"root_helper = {root_helper}\n"
     else:
         filters = tmp_path / "rootwrap.d"

@@ -1,9 +1,9 @@
-"""An unprivileged service process, a sudo rule for privsep-helper only, real daemons.
+"""An unprivileged service process, a sudo rule for our privsep helper only, real daemons.
 
 The fixture creates a system user, a virtualenv it can read (made with
 Debian's /usr/bin/python3: the default python3 here lives in root's home),
 and a sudoers rule that allows that user exactly one command: the venv's
-privsep-helper. The service process then proves the separation: what it
+remotefs-aa-privsep-helper. The service process then proves the separation: what it
 cannot do itself (mount, write into a root-owned directory, read a root-only
 image) it can do through the daemon, and nothing else through sudo.
 """
@@ -75,12 +75,12 @@ def rootwrap_dir() -> str:
 
 @pytest.fixture(scope="module")
 def service_user(service_venv: str, rootwrap_dir: str):
-    """The user, and a sudo rule allowing it only privsep-helper and the rootwrap daemon."""
+    """The user, and a sudo rule allowing it only our privsep helper and the rootwrap daemon."""
     created = subprocess.run(["id", USER], capture_output=True).returncode != 0
     if created:
         subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
     rule = (
-        f"{USER} ALL=(root) NOPASSWD: {service_venv}/bin/privsep-helper *, "
+        f"{USER} ALL=(root) NOPASSWD: {service_venv}/bin/remotefs-aa-privsep-helper *, "
         f"{service_venv}/bin/oslo-rootwrap-daemon {rootwrap_dir}/rootwrap.conf\n"
     )
     tmp = SUDOERS + ".new"
@@ -191,4 +191,4 @@ def test_unprivileged_service_works_only_through_the_daemon(
     assert "outside the allowed directories" in out["shadow"]
     if mode == "privsep":
         assert out["daemon_uid"] == 0  # rootwrap runs only the commands as root
-    assert out["sudo_true_rc"] != 0  # sudo allows it privsep-helper and nothing else
+    assert out["sudo_true_rc"] != 0  # sudo allows it our privsep helper and nothing else
