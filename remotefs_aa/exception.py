@@ -116,3 +116,72 @@ class PrivilegedCommandFailed(PrivilegedError):
 
 class PrivilegedHelperUnavailable(PrivilegedError):
     """The privileged helper could not be started or reached."""
+
+
+class VolumeError(RemoteFSAAError):
+    """A volume or snapshot operation failed; the chain was left consistent."""
+
+
+class InvalidImage(VolumeError):
+    """An image file is not one we may trust (format, size, backing file, data file).
+
+    Nothing is deleted when this is raised: the file stays for an operator to
+    inspect.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"refusing image {path}: {reason}. Nothing was changed; inspect the file "
+            f"(qemu-img info -U {path}) before using or deleting it."
+        )
+
+
+class InvalidInfoFile(VolumeError):
+    """A ``volume-<id>.info`` file is malformed or disagrees with the files on disk."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"snapshot info file {path} is unusable: {reason}. No file was changed; "
+            f"repair or restore the .info file (see doc/chains.md) and retry."
+        )
+
+
+class StaleInfoGeneration(VolumeError):
+    """The .info file changed since we read it: another writer (a lapsed lock?) won.
+
+    Raised instead of overwriting newer state (fencing).
+    """
+
+    def __init__(self, path: str, expected: int, found: int | None) -> None:
+        self.path = path
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"refusing to write {path}: it was at generation {expected} when read and is "
+            f"now at {found}; another service changed this chain (did our lock lapse?). "
+            f"Retry the operation; it re-reads the chain under the lock."
+        )
+
+
+class VolumeNotFound(VolumeError):
+    """The volume's file does not exist on the share."""
+
+
+class SnapshotNotFound(VolumeError):
+    """The snapshot is not in the volume's .info file."""
+
+
+class InvalidSnapshot(VolumeError):
+    """The snapshot operation is not possible in the chain's current state."""
+
+
+class VolumeBusy(VolumeError):
+    """The volume is in use by another operation or has dependents."""
+
+
+class VolumeExists(VolumeError):
+    """A volume file with that id already exists; nothing was overwritten."""

@@ -174,6 +174,59 @@ privileged_opts = [
     ),
 ]
 
+#: Options every RemoteFS driver reads (Cinder's names where Cinder has them).
+driver_opts = [
+    cfg.StrOpt(
+        "volume_backend_name",
+        help="Backend name reported in get_volume_stats (default: the driver's name).",
+    ),
+    cfg.IntOpt(
+        "reserved_percentage",
+        default=0,
+        min=0,
+        max=100,
+        help="Percentage of each share's capacity kept free: a share whose free "
+        "space would drop below it takes no new volume.",
+    ),
+    cfg.FloatOpt(
+        "max_over_subscription_ratio",
+        default=20.0,
+        min=1.0,
+        help="Thin provisioning: the provisioned size of all volumes on a share "
+        "may reach this multiple of its capacity (1.0 = no over-subscription).",
+    ),
+    cfg.IntOpt(
+        "provisioned_capacity_refresh_interval",
+        default=60,
+        min=0,
+        help="Seconds between rescans of a share's volume sizes for the "
+        "provisioned capacity in get_volume_stats; between rescans the driver "
+        "counts its own creates, extends and deletes. 0 rescans on every poll.",
+    ),
+]
+
+#: The local-directory driver (each share is a directory; nothing is mounted).
+local_driver_opts = [
+    cfg.ListOpt(
+        "local_shares",
+        default=["$state_path/shares/local"],
+        help="Directories used as shares by the local driver. Each must lie under "
+        "[privileged] allowed_paths; missing ones are created.",
+    ),
+    cfg.BoolOpt(
+        "local_sparsed_volumes",
+        default=True,
+        help="Create raw volumes as sparse files (False: fallocate the whole "
+        "size, 'thick'). Same meaning as Cinder's nfs_sparsed_volumes.",
+    ),
+    cfg.BoolOpt(
+        "local_qcow2_volumes",
+        default=False,
+        help="Create volumes as qcow2 files instead of raw. Same meaning as "
+        "Cinder's nfs_qcow2_volumes.",
+    ),
+]
+
 COORDINATION_GROUP = "coordination"
 PRIVILEGED_GROUP = "privileged"
 
@@ -181,6 +234,8 @@ PRIVILEGED_GROUP = "privileged"
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register every remotefs_aa option on ``conf`` (idempotent)."""
     conf.register_opts(core_opts)
+    conf.register_opts(driver_opts)
+    conf.register_opts(local_driver_opts)
     conf.register_opts(coordination_opts, group=COORDINATION_GROUP)
     conf.register_opts(privileged_opts, group=PRIVILEGED_GROUP)
 
@@ -188,7 +243,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
     """Options by group, for oslo-config-generator (privsep sections included)."""
     return [
-        ("DEFAULT", list(core_opts)),
+        ("DEFAULT", [*core_opts, *driver_opts, *local_driver_opts]),
         (COORDINATION_GROUP, list(coordination_opts)),
         (PRIVILEGED_GROUP, list(privileged_opts)),
     ]

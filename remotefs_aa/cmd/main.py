@@ -29,6 +29,7 @@ from oslo_config import cfg
 from oslo_log import log as oslo_log
 
 from remotefs_aa import __version__, coordination, exception, opts, privsep
+from remotefs_aa.cmd import volumes
 
 LOG = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "them to the filters_path of [privileged] rootwrap_config.",
     )
     filters.set_defaults(func=cmd_rootwrap_filters)
+    volumes.add_parsers(commands)
     return parser
 
 

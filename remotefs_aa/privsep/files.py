@@ -7,6 +7,7 @@ operation becomes one command that the generated rootwrap filters allow.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import tempfile
@@ -152,7 +153,12 @@ def read_file(path: str, max_bytes: int = MAX_READ) -> str:
     target = _path(path)
     limit = min(confine.positive_int(max_bytes, "max_bytes"), MAX_READ)
     if runner.via_commands():
-        data = _cmd(["head", "-c", str(limit + 1), "--", target])[1].encode()
+        try:
+            data = _cmd(["head", "-c", str(limit + 1), "--", target])[1].encode()
+        except exception.PrivilegedCommandFailed as exc:
+            if "No such file" in exc.stderr:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from None
+            raise
     else:
         with open(target, "rb") as f:
             data = f.read(limit + 1)
@@ -187,3 +193,61 @@ def daemon_info() -> dict:
     service with only the capabilities of its context.
     """
     return process_info()
+
+
+@entrypoint(file_pctxt)
+def rename(src: str, dst: str) -> None:
+    """Atomically rename ``src`` to ``dst`` (replacing it), within one directory."""
+    source, target = _path(src, "source"), _path(dst, "destination")
+    if os.path.dirname(source) != os.path.dirname(target):
+        raise exception.PrivilegedArgumentRefused(
+            f"rename {src!r} -> {dst!r} leaves its directory; only same-directory renames"
+        )
+    if runner.via_commands():
+        _cmd(["mv", "-fT", "--", source, target])
+        return
+    os.replace(source, target)
+
+
+@entrypoint(file_pctxt)
+def list_directory(path: str) -> dict[str, int]:
+    """Regular files directly in ``path``: name -> apparent size in bytes.
+
+    One call instead of a stat per file, so a chain check or a stats poll is
+    a single round trip.
+    """
+    directory = _path(path, "directory")
+    if runner.via_commands():
+        out = _cmd(["ls", "-lAn", "--time-style=+%s", "--", directory])[1]
+        files: dict[str, int] = {}
+        for line in out.splitlines():
+            parts = line.split(maxsplit=6)
+            if len(parts) == 7 and parts[0].startswith("-"):
+                files[parts[6]] = int(parts[4])
+        return files
+    result = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                result[entry.name] = entry.stat(follow_symlinks=False).st_size
+    return result
+
+
+@entrypoint(file_pctxt)
+def replace_file_if(path: str, data: str, expected: str | None, mode: int = 0o644) -> str | None:
+    """Compare-and-swap a small file: write ``data`` only if it still holds ``expected``.
+
+    ``expected=None`` means "the file must not exist yet". Returns None when
+    written, otherwise what the file holds now (``""`` if it is gone), so the
+    caller can say who won. The compare happens next to the write, in one
+    call, which leaves the smallest window a writer whose lock lapsed can use.
+    """
+    _path(path)
+    try:
+        current: str | None = read_file.__wrapped__(path)  # type: ignore[attr-defined]
+    except FileNotFoundError:
+        current = None
+    if current != expected:
+        return "" if current is None else current
+    write_file_atomic.__wrapped__(path, data, mode)  # type: ignore[attr-defined]
+    return None

@@ -125,3 +125,125 @@ def qemu_img_check(path: str, fmt: str = "qcow2") -> dict:
     result = json.loads(out) if out.strip() else {}
     result["exit_code"] = rc
     return result
+
+
+#: Longer chains are refused: a loop or a hostile image, not a real volume.
+MAX_CHAIN_DEPTH = 512
+
+
+@entrypoint(file_pctxt)
+def image_chain(path: str, raw: list[str] | None = None) -> list[dict]:
+    """Headers of ``path`` and every backing file below it, top first.
+
+    Read from the image headers in Python (no process per link: see
+    benchmarks/image_header.py), each link confined like any path. Backing
+    names are returned as stored; the caller decides whether to trust them,
+    and the walk stops at a backing name that is not a plain file name in the
+    same directory (the caller then refuses the chain). Files named in
+    ``raw`` are raw by the caller's records and are never parsed: a guest may
+    have written anything, a fake qcow2 header included, into a raw volume. In the rootwrap modes,
+    where this process cannot read the images, one ``qemu-img info
+    --backing-chain -U`` gives the same fields.
+    """
+    from remotefs_aa.image import qcow2
+
+    top = _image(path)
+    if runner.via_commands():
+        infos = qemu_img_info.__wrapped__(path, backing_chain=True, force_share=True)
+        return [_from_info(info) for info in infos]
+    chain: list[dict] = []
+    seen: set[str] = set()
+    current = top
+    while True:
+        if current in seen or len(chain) >= MAX_CHAIN_DEPTH:
+            raise exception.PrivilegedArgumentRefused(
+                f"backing chain of {path!r} loops or is deeper than {MAX_CHAIN_DEPTH}"
+            )
+        seen.add(current)
+        if os.path.basename(current) in (raw or ()):
+            chain.append(
+                {
+                    "filename": current,
+                    "format": "raw",
+                    "virtual_size": os.stat(current).st_size,
+                    "backing_file": None,
+                    "backing_format": None,
+                    "data_file": None,
+                    "encrypted": False,
+                }
+            )
+            return chain
+        header = qcow2.read_header(current)
+        link = {
+            "filename": current,
+            "format": header.format,
+            "virtual_size": header.virtual_size,
+            "backing_file": header.backing_file,
+            "backing_format": header.backing_format,
+            "data_file": header.data_file,
+            "encrypted": header.encrypted,
+        }
+        chain.append(link)
+        name = header.backing_file
+        if not name:
+            return chain
+        try:
+            current = _backing(current, name)
+        except exception.PrivilegedArgumentRefused:
+            return chain
+        current = os.path.join(os.path.dirname(chain[-1]["filename"]), current)
+        if not os.path.exists(current):
+            return chain
+
+
+def _from_info(info: dict) -> dict:
+    data = (info.get("format-specific") or {}).get("data") or {}
+    return {
+        "filename": info.get("filename"),
+        "format": info.get("format"),
+        "virtual_size": info.get("virtual-size"),
+        "backing_file": info.get("backing-filename"),
+        "backing_format": info.get("backing-filename-format"),
+        "data_file": data.get("data-file"),
+        "encrypted": bool(info.get("encrypted")),
+    }
+
+
+@entrypoint(file_pctxt)
+def write_pattern(path: str, fmt: str, offset: int, length: int, pattern: int) -> None:
+    """Fill ``length`` bytes at ``offset`` of the image with byte ``pattern`` (qemu-io).
+
+    What a guest would write: the demo and the verification of every chain
+    use it, so they run as an unprivileged service too. Only a pattern, an
+    offset and a length cross over; no qemu-io command text does.
+    """
+    command = (
+        f"write -P {_byte(pattern)} {_offset(offset)} {confine.positive_int(length, 'length')}"
+    )
+    argv = ["qemu-io", "-f", confine.image_format(fmt), "-c", command, _image(path)]
+    runner.run(argv, timeout=settings().command_timeout)
+
+
+@entrypoint(file_pctxt)
+def pattern_matches(path: str, fmt: str, offset: int, length: int, pattern: int) -> bool:
+    """Does the image read back ``pattern`` in every byte of the range? (read-only)."""
+    command = f"read -P {_byte(pattern)} {_offset(offset)} {confine.positive_int(length, 'length')}"
+    argv = ["qemu-io", "-r", "-U", "-f", confine.image_format(fmt), "-c", command, _image(path)]
+    _rc, out, err = runner.run(argv, timeout=settings().command_timeout, ok_codes=(0, 1))
+    if "verification failed" in out + err:
+        return False
+    if _rc != 0:
+        raise exception.PrivilegedCommandFailed(" ".join(argv), _rc, err or out)
+    return True
+
+
+def _byte(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise exception.PrivilegedArgumentRefused(f"pattern must be a byte, not {value!r}")
+    return value
+
+
+def _offset(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise exception.PrivilegedArgumentRefused(f"offset must be >= 0, not {value!r}")
+    return value

@@ -52,6 +52,7 @@ def shapes(bases: Iterable[str]) -> dict[str, list[str]]:
         "mv": ["mv", "-fT", "--", p, p],
         "sync": ["sync", "--", p],
         "head": ["head", "-c", NUM, "--", p],
+        "ls": ["ls", "-lAn", "--time-style=+%s", "--", p],
         "qemu_img_create": ["qemu-img", "create", "-q", "-f", FMT, p, NUM],
         "qemu_img_create_overlay": [
             "qemu-img", "create", "-q", "-f", "qcow2", "-b", NAME, "-F", FMT, p,
@@ -70,6 +71,12 @@ def shapes(bases: Iterable[str]) -> dict[str, list[str]]:
             "qemu-img", "convert", "-q", "-f", FMT, "-O", FMT, "-S", "0", p, p,
         ],
     }  # fmt: skip
+    out["qemu_io_write"] = [
+        "qemu-io", "-f", FMT, "-c", "write -P [0-9]{1,3} [0-9]+ [0-9]+", p,
+    ]  # fmt: skip
+    out["qemu_io_read"] = [
+        "qemu-io", "-r", "-U", "-f", FMT, "-c", "read -P [0-9]{1,3} [0-9]+ [0-9]+", p,
+    ]  # fmt: skip
     limits = ["prlimit", "--as=[0-9]+", "--cpu=[0-9]+", "--"]
     out["qemu_img_check"] = [*limits, "qemu-img", "check", "--output=json", "-f", FMT, p]
     for fmt, chain, share in itertools.product((False, True), repeat=3):

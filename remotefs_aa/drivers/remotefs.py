@@ -1,0 +1,396 @@
+"""The base RemoteFS driver: volumes as files on shares, snapshots as qcow2 overlays.
+
+Subclasses say what a share is and how it becomes a local directory (the local
+driver: it already is one; NFS and GlusterFS: a mount through the privileged
+daemon). Everything else is here, once:
+
+* every chain change goes through :mod:`remotefs_aa.image.chain` (fenced,
+  atomic .info writes; recorded intents; checked headers);
+* every operation takes its locks through ``coordination.synchronized``, by
+  the lock map of doc/architecture.md: the volume for create / delete /
+  extend / revert and for its snapshots; source and new volume for clones and
+  for volumes made from a snapshot;
+* every privileged step goes through ``remotefs_aa.privsep``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+from typing import Any
+
+from oslo_config import cfg
+
+from remotefs_aa import exception
+from remotefs_aa.coordination import synchronized
+from remotefs_aa.drivers.base import ModelUpdate, VolumeDriver
+from remotefs_aa.image.chain import Chain, GiB, ImageIO, PrivilegedIO
+from remotefs_aa.objects import Volume
+
+LOG = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+_BASE_RE = re.compile(r"^volume-([A-Za-z0-9][A-Za-z0-9_-]*)$")
+
+
+class RemoteFSDriver(VolumeDriver):
+    """Shared logic of every file-based driver; subclasses provide the shares."""
+
+    driver_name = "remotefs"
+    driver_volume_type = "remotefs"
+    storage_protocol = "remotefs"
+    #: Option names (in [DEFAULT]) for sparse and qcow2 volumes, Cinder-style.
+    sparsed_volumes_opt = "local_sparsed_volumes"
+    qcow2_volumes_opt = "local_qcow2_volumes"
+
+    def __init__(
+        self, conf: cfg.ConfigOpts, host: str | None = None, io: ImageIO | None = None
+    ) -> None:
+        super().__init__(conf, host)
+        self.io: ImageIO = io or PrivilegedIO()
+        self._shares: list[str] = []
+        self._provisioned: dict[str, dict[str, int]] = {}
+        self._scanned_at: dict[str, float] = {}
+        self._stats_lock = threading.Lock()
+
+    # -- what subclasses provide ---------------------------------------------
+
+    def load_shares(self) -> list[str]:
+        """The configured shares, validated; raise InvalidConfig naming a bad one."""
+        raise NotImplementedError
+
+    def ensure_share_ready(self, share: str) -> None:
+        """Make ``share`` usable here (mount it, create it)."""
+        raise NotImplementedError
+
+    def share_path(self, share: str) -> str:
+        """The local directory holding ``share``'s files."""
+        raise NotImplementedError
+
+    def share_options(self, share: str) -> str | None:
+        """Mount options reported in connection info."""
+        return None
+
+    # -- set-up --------------------------------------------------------------
+
+    @property
+    def volume_format(self) -> str:
+        return "qcow2" if self.conf[self.qcow2_volumes_opt] else "raw"
+
+    @property
+    def thick(self) -> bool:
+        return not self.conf[self.sparsed_volumes_opt] and self.volume_format == "raw"
+
+    @property
+    def shares(self) -> list[str]:
+        return list(self._shares)
+
+    def do_setup(self, context: Any = None) -> None:
+        self._shares = self.load_shares()
+        if not self._shares:
+            raise exception.InvalidConfig(self.driver_name + " shares", [], "no share configured")
+        for share in self._shares:
+            self.ensure_share_ready(share)
+
+    def check_for_setup_error(self) -> None:
+        allowed = [os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p]
+        for share in self._shares:
+            path = os.path.realpath(self.share_path(share))
+            if not any(path == a or path.startswith(a.rstrip("/") + "/") for a in allowed):
+                raise exception.InvalidConfig(
+                    "[privileged] allowed_paths",
+                    self.conf.privileged.allowed_paths,
+                    f"share {share} ({path}) lies outside it; the privileged daemon "
+                    f"would refuse every file operation there. Add its directory",
+                )
+            self.io.list_directory(path)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _share_of(self, volume: Any) -> str:
+        share = getattr(volume, "provider_location", None)
+        if not share:
+            raise exception.VolumeNotFound(
+                f"volume {volume.id} has no provider_location: it was never created on a share"
+            )
+        return share
+
+    def chain(self, volume: Any, share: str | None = None) -> Chain:
+        """The snapshot chain of ``volume`` (on its share, or on ``share``)."""
+        share = share or self._share_of(volume)
+        return Chain(self.io, self.share_path(share), volume.id, volume.size, self.volume_format)
+
+    def local_path(self, volume: Any) -> str:
+        """The volume's base file, as Cinder's ``local_path``."""
+        return os.path.join(self.share_path(self._share_of(volume)), volume.name)
+
+    # -- volumes -------------------------------------------------------------
+
+    @synchronized("{volume.id}")
+    def create_volume(self, volume: Any) -> ModelUpdate:
+        share = self.find_share(volume.size)
+        started = time.monotonic()
+        self.chain(volume, share).create_base(self.volume_format, "thick" if self.thick else "thin")
+        self._account(share, volume.id, volume.size * GiB)
+        LOG.info(
+            "volume %s: created on %s (%s%s, %d GiB) in %.0f ms",
+            volume.id,
+            share,
+            self.volume_format,
+            ", thick" if self.thick else "",
+            volume.size,
+            (time.monotonic() - started) * 1000,
+        )
+        return {"provider_location": share}
+
+    @synchronized("{volume.id}")
+    def delete_volume(self, volume: Any) -> None:
+        share = getattr(volume, "provider_location", None)
+        if not share:
+            LOG.warning("volume %s: no provider_location, nothing to delete", volume.id)
+            return
+        self.chain(volume, share).delete_volume()
+        self._account(share, volume.id, None)
+        LOG.info("volume %s: deleted from %s", volume.id, share)
+
+    @synchronized("{volume.id}", "{src_vref.id}")
+    def create_cloned_volume(self, volume: Any, src_vref: Any) -> ModelUpdate:
+        src = self.chain(src_vref)
+        state = src.load_recovered()
+        top = src.trusted_chain(state)[0]
+        return self._create_from(volume, src.path(top.name), top.format, f"clone of {src_vref.id}")
+
+    @synchronized("{snapshot.volume_id}", "{volume.id}")
+    def create_volume_from_snapshot(self, volume: Any, snapshot: Any) -> ModelUpdate:
+        src = self.chain(snapshot.volume)
+        state = src.load_recovered()
+        image = src.snapshot_image(state, snapshot.id)
+        return self._create_from(
+            volume, src.path(image.name), image.format, f"from snapshot {snapshot.id}"
+        )
+
+    def _create_from(self, volume: Any, src: str, src_fmt: str, what: str) -> ModelUpdate:
+        share = self.find_share(volume.size)
+        started = time.monotonic()
+        self.chain(volume, share).create_from(src, src_fmt, self.volume_format, not self.thick)
+        self._account(share, volume.id, volume.size * GiB)
+        LOG.info(
+            "volume %s: created on %s as %s in %.0f ms",
+            volume.id,
+            share,
+            what,
+            (time.monotonic() - started) * 1000,
+        )
+        return {"provider_location": share}
+
+    @synchronized("{volume.id}")
+    def extend_volume(self, volume: Any, new_size: int) -> None:
+        share = self._share_of(volume)
+        self.chain(volume).extend(new_size, thick=self.thick)
+        self._account(share, volume.id, new_size * GiB)
+        LOG.info("volume %s: extended to %d GiB", volume.id, new_size)
+
+    # -- snapshots -----------------------------------------------------------
+
+    @synchronized("{snapshot.volume_id}")
+    def create_snapshot(self, snapshot: Any) -> ModelUpdate:
+        state = self.chain(snapshot.volume).create_snapshot(snapshot.id)
+        LOG.info(
+            "snapshot %s of volume %s: created (active %s, generation %d)",
+            snapshot.id,
+            snapshot.volume_id,
+            state.active,
+            state.generation,
+        )
+        return None
+
+    @synchronized("{snapshot.volume_id}")
+    def delete_snapshot(self, snapshot: Any) -> None:
+        state = self.chain(snapshot.volume).delete_snapshot(snapshot.id)
+        LOG.info(
+            "snapshot %s of volume %s: deleted (active %s, generation %d)",
+            snapshot.id,
+            snapshot.volume_id,
+            state.active,
+            state.generation,
+        )
+
+    @synchronized("{volume.id}")
+    def revert_to_snapshot(self, context: Any, volume: Any, snapshot: Any) -> None:
+        self.chain(volume).revert(snapshot.id)
+        LOG.info("volume %s: reverted to snapshot %s", volume.id, snapshot.id)
+
+    # -- images and attachment -------------------------------------------------
+
+    def copy_image_to_volume(
+        self, context: Any, volume: Any, image_service: Any, image_id: str
+    ) -> None:
+        raise exception.VolumeError(
+            "copy_image_to_volume needs an image service, which remotefs_aa does not "
+            "ship yet; create the volume from a file with qemu-img instead"
+        )
+
+    def copy_volume_to_image(
+        self, context: Any, volume: Any, image_service: Any, image_meta: dict
+    ) -> None:
+        raise exception.VolumeError(
+            "copy_volume_to_image needs an image service, which remotefs_aa does not "
+            "ship yet; export the active image with qemu-img convert instead"
+        )
+
+    def initialize_connection(self, volume: Any, connector: dict) -> dict:
+        """os-brick connection info, from a lock-free read of the atomically written .info."""
+        share = self._share_of(volume)
+        chain = self.chain(volume)
+        state = chain.load()
+        fmt = state.format if state.active == chain.base else "qcow2"
+        return {
+            "driver_volume_type": self.driver_volume_type,
+            "data": {
+                "export": share,
+                "name": state.active,
+                "options": self.share_options(share),
+                "format": fmt,
+            },
+        }
+
+    # -- capacity --------------------------------------------------------------
+
+    def _account(self, share: str, volume_id: str, size: int | None) -> None:
+        with self._stats_lock:
+            volumes = self._provisioned.setdefault(share, {})
+            if size is None:
+                volumes.pop(volume_id, None)
+            else:
+                volumes[volume_id] = size
+
+    def _provisioned_bytes(self, share: str) -> int:
+        """Provisioned size of ``share``: counted, and rescanned now and then.
+
+        A rescan lists the share once (sizes of the base files: apparent size
+        of raw files, header size of qcow2 ones), so other hosts' volumes are
+        counted too, without a ``du`` of every file on every poll.
+        """
+        interval = self.conf.provisioned_capacity_refresh_interval
+        now = time.monotonic()
+        if share not in self._scanned_at or now - self._scanned_at[share] >= interval:
+            path = self.share_path(share)
+            files = self.io.list_directory(path)
+            sizes: dict[str, int] = {}
+            for name, size in files.items():
+                if name.startswith("volume-") and "." not in name:
+                    if self.volume_format == "qcow2":
+                        try:
+                            size = self.io.image_chain(os.path.join(path, name))[0]["virtual_size"]
+                        except exception.RemoteFSAAError:
+                            pass
+                    sizes[name[len("volume-") :]] = size
+            with self._stats_lock:
+                self._provisioned[share] = sizes
+                self._scanned_at[share] = now
+        with self._stats_lock:
+            return sum(self._provisioned.get(share, {}).values())
+
+    def share_capacity(self, share: str) -> dict:
+        """Capacity of one share, in bytes, with what it may still take."""
+        st = self.io.statvfs(self.share_path(share))
+        total, available = st["total"], st["available"]
+        provisioned = self._provisioned_bytes(share)
+        reserved = total * self.conf.reserved_percentage / 100.0
+        ratio = self.conf.max_over_subscription_ratio
+        return {
+            "share": share,
+            "total": total,
+            "free": available,
+            "provisioned": provisioned,
+            "reserved": reserved,
+            "max_over_subscription_ratio": ratio,
+            # New volumes fit while provisioned + new <= (total - reserved) * ratio
+            # (thin) and, thick, while the space is really there.
+            "thin_headroom": (total - reserved) * ratio - provisioned,
+            "thick_headroom": available - reserved,
+        }
+
+    def find_share(self, size_gib: int) -> str:
+        """The share with the most headroom that can take ``size_gib`` more."""
+        if not self._shares:
+            raise exception.VolumeError("driver not set up: call do_setup() first")
+        need = size_gib * GiB
+        key = "thick_headroom" if self.thick else "thin_headroom"
+        candidates = []
+        for share in self._shares:
+            cap = self.share_capacity(share)
+            fits = cap[key] >= need and cap["thick_headroom"] > 0
+            if fits:
+                candidates.append((cap[key], share))
+        if not candidates:
+            raise exception.VolumeError(
+                f"no share can take a {size_gib} GiB volume (reserved_percentage="
+                f"{self.conf.reserved_percentage}, max_over_subscription_ratio="
+                f"{self.conf.max_over_subscription_ratio}); free space or add a share"
+            )
+        return max(candidates)[1]
+
+    def get_volume_stats(self, refresh: bool = False) -> dict:
+        pools = []
+        for share in self._shares:
+            cap = self.share_capacity(share)
+            pools.append(
+                {
+                    "pool_name": share,
+                    "total_capacity_gb": round(cap["total"] / GiB, 2),
+                    "free_capacity_gb": round(cap["free"] / GiB, 2),
+                    "provisioned_capacity_gb": round(cap["provisioned"] / GiB, 2),
+                    "reserved_percentage": self.conf.reserved_percentage,
+                    "max_over_subscription_ratio": self.conf.max_over_subscription_ratio,
+                    "thin_provisioning_support": not self.thick,
+                    "thick_provisioning_support": self.thick,
+                }
+            )
+        return {
+            "volume_backend_name": self.conf.volume_backend_name or self.driver_name,
+            "vendor_name": "remotefs_aa",
+            "driver_version": VERSION,
+            "storage_protocol": self.storage_protocol,
+            "total_capacity_gb": round(sum(p["total_capacity_gb"] for p in pools), 2),
+            "free_capacity_gb": round(sum(p["free_capacity_gb"] for p in pools), 2),
+            "provisioned_capacity_gb": round(sum(p["provisioned_capacity_gb"] for p in pools), 2),
+            "reserved_percentage": self.conf.reserved_percentage,
+            "max_over_subscription_ratio": self.conf.max_over_subscription_ratio,
+            "thin_provisioning_support": not self.thick,
+            "thick_provisioning_support": self.thick,
+            "pools": pools,
+        }
+
+    def list_volumes(self) -> list[Volume]:
+        """Volumes found on the shares (base files), sized from their active images."""
+        found = []
+        for share in self._shares:
+            for name in sorted(self.io.list_directory(self.share_path(share))):
+                match = _BASE_RE.match(name)
+                if match:
+                    found.append(self._volume_on(share, match.group(1)))
+        return found
+
+    def find_volume(self, volume_id: str) -> Volume | None:
+        """The volume with this id on any share, or None (for the CLI; no database)."""
+        for share in self._shares:
+            if f"volume-{volume_id}" in self.io.list_directory(self.share_path(share)):
+                return self._volume_on(share, volume_id)
+        return None
+
+    def _volume_on(self, share: str, volume_id: str) -> Volume:
+        chain = Chain(self.io, self.share_path(share), volume_id, 0, self.volume_format)
+        state = chain.load()
+        raw = [chain.base] if state.format == "raw" else None
+        top = self.io.image_chain(chain.path(state.active), raw)[0]
+        size = max(1, math.ceil(top["virtual_size"] / GiB))
+        return Volume(id=volume_id, size=size, provider_location=share, status="available")
+
+    def verify_volume(self, volume: Any, deep: bool = True) -> dict:
+        """``Chain.verify`` for ``volume``: empty ``problems`` when the chain is intact."""
+        return self.chain(volume).verify(deep=deep)

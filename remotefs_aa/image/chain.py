@@ -1,0 +1,664 @@
+"""A volume's snapshot chain: its ``.info`` file, fenced writes, and every chain change.
+
+Layout on the share (Cinder's)::
+
+    volume-<id>              the base image (raw or qcow2)
+    volume-<id>.<snap id>    a qcow2 overlay created when <snap id> was taken
+    volume-<id>.info         {"active": <top file>, "<snap id>": <file>, ...}
+
+``info[<snap id>]`` names the overlay created when the snapshot was taken, so the
+snapshot's data is that overlay's *backing* file. We add three keys Cinder
+ignores: ``generation`` (bumped on every write), ``format`` (of the base, so a
+raw volume whose guest wrote a qcow2 header is never probed as qcow2) and
+``intent`` (a multi-step change in progress).
+
+Every write is a compare-and-swap (``files.replace_file_if``): it succeeds only
+if the file still holds exactly what this writer read, so a service whose lock
+lapsed cannot overwrite newer state (StaleInfoGeneration). Writes are atomic
+(temp file, fsync, rename, fsync of the directory).
+
+Crash consistency: a change of more than one step first records its intent,
+then runs steps that are each safe to repeat, and clears the intent in the
+same write that publishes the result. The next operation on the volume (under
+the same lock) finds the intent and finishes or rolls back. Step orders:
+
+create_snapshot S
+    1. intent {create_snapshot, file N}   2. qemu-img create N (backing = active)
+    3. write {active: N, S: N}, no intent.
+    Recovery: roll back (unlink N if present; nothing referenced it).
+delete_snapshot S, F = info[S], B = backing(F), H = the overlay on F (if any)
+    1. intent {delete_snapshot, F, B, H}   2. qemu-img commit F (into B)
+    3. if H: qemu-img rebase -u H onto B   4. unlink F
+    5. write without S (active = B if F was active), no intent.
+    Recovery: finish. Committing again is harmless (F is emptied by the first
+    commit, and B already holds its data); rebase only if H still points at F.
+revert_to_snapshot S (only the latest, like Cinder), F = info[S] = active
+    1. intent {revert, F, T}   2. qemu-img create T (backing = backing(F))
+    3. rename T over F   4. write, no intent.
+    Recovery: finish (unlink T if present and redo 2-4): reverting twice is
+    the same as reverting once.
+delete_volume
+    1. intent {delete_volume}   2. unlink every file of the volume, top first
+    3. unlink the .info file.   Recovery: finish.
+create_volume / clone / create from snapshot
+    Written to a hidden temp file ``.volume-<id>.tmp``, renamed into place,
+    then the .info file is created. A crash leaves only the temp file, which
+    the next create or delete of that id removes.
+extend
+    One ``qemu-img resize`` (or truncate / fallocate) of the active image.
+
+Before any image is used, its headers are checked (``trusted_chain``): raw or
+qcow2 only, no external data file, no encryption, virtual size at most the
+volume's size, and every backing file one of this volume's own files, in
+chain order, down to the base. Nothing is deleted when a check fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from remotefs_aa import exception
+
+LOG = logging.getLogger(__name__)
+
+GiB = 1024**3
+FORMATS = ("raw", "qcow2")
+_RESERVED = frozenset({"active", "generation", "format", "intent", "info"})
+_SNAP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+class ImageIO(Protocol):
+    """The privileged operations a chain needs (``remotefs_aa.privsep`` in production)."""
+
+    def read_text(self, path: str) -> str | None: ...
+    def replace_text_if(self, path: str, data: str, expected: str | None) -> str | None: ...
+    def unlink(self, path: str) -> bool: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def list_directory(self, path: str) -> dict[str, int]: ...
+    def image_chain(self, path: str, raw: list[str] | None = None) -> list[dict]: ...
+    def create(
+        self, path: str, fmt: str, size: int | None, backing: str | None, backing_fmt: str | None
+    ) -> None: ...
+    def truncate(self, path: str, size: int) -> None: ...
+    def fallocate(self, path: str, size: int) -> None: ...
+    def commit(self, path: str) -> None: ...
+    def rebase_unsafe(self, path: str, backing: str, backing_fmt: str) -> None: ...
+    def resize(self, path: str, fmt: str, size: int) -> None: ...
+    def convert(self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool) -> None: ...
+    def check(self, path: str, fmt: str) -> dict: ...
+    def statvfs(self, path: str) -> dict: ...
+
+
+class PrivilegedIO:
+    """ImageIO through the privileged daemon (or in-process, in ``direct`` mode)."""
+
+    def __init__(self) -> None:
+        from remotefs_aa.privsep import files, qemu
+
+        self.files = files
+        self.qemu = qemu
+
+    def read_text(self, path: str) -> str | None:
+        try:
+            return self.files.read_file(path)
+        except FileNotFoundError:
+            return None
+
+    def replace_text_if(self, path: str, data: str, expected: str | None) -> str | None:
+        return self.files.replace_file_if(path, data, expected)
+
+    def unlink(self, path: str) -> bool:
+        return self.files.unlink(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.files.rename(src, dst)
+
+    def list_directory(self, path: str) -> dict[str, int]:
+        return self.files.list_directory(path)
+
+    def image_chain(self, path: str, raw: list[str] | None = None) -> list[dict]:
+        return self.qemu.image_chain(path, raw)
+
+    def create(
+        self, path: str, fmt: str, size: int | None, backing: str | None, backing_fmt: str | None
+    ) -> None:
+        self.qemu.qemu_img_create(path, fmt, size, backing, backing_fmt)
+
+    def truncate(self, path: str, size: int) -> None:
+        self.files.truncate(path, size)
+
+    def fallocate(self, path: str, size: int) -> None:
+        self.files.fallocate(path, size)
+
+    def commit(self, path: str) -> None:
+        self.qemu.qemu_img_commit(path, "qcow2")
+
+    def rebase_unsafe(self, path: str, backing: str, backing_fmt: str) -> None:
+        self.qemu.qemu_img_rebase(path, backing, backing_fmt, unsafe=True)
+
+    def resize(self, path: str, fmt: str, size: int) -> None:
+        self.qemu.qemu_img_resize(path, fmt, size)
+
+    def convert(self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool) -> None:
+        self.qemu.qemu_img_convert(src, src_fmt, dst, dst_fmt, sparse)
+
+    def check(self, path: str, fmt: str) -> dict:
+        return self.qemu.qemu_img_check(path, fmt)
+
+    def statvfs(self, path: str) -> dict:
+        return self.files.statvfs(path)
+
+
+@dataclasses.dataclass
+class ChainState:
+    """One read of a ``.info`` file (or the implied state when there is none)."""
+
+    active: str
+    snapshots: dict[str, str]
+    generation: int
+    format: str
+    intent: dict | None = None
+    #: The file's exact text as read; None when the file does not exist.
+    raw: str | None = None
+
+    def render(self) -> str:
+        """The JSON text, Cinder's keys first, with the next generation."""
+        body: dict[str, Any] = {"active": self.active}
+        body.update(sorted(self.snapshots.items()))
+        body["generation"] = self.generation
+        body["format"] = self.format
+        if self.intent:
+            body["intent"] = self.intent
+        return json.dumps(body, indent=1) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One file of a trusted chain."""
+
+    name: str
+    format: str
+    virtual_size: int
+    backing: str | None
+
+
+def parse_info(path: str, text: str, default_format: str) -> ChainState:
+    """Validate and parse a ``.info`` file's text; InvalidInfoFile on anything odd."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise exception.InvalidInfoFile(path, f"not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise exception.InvalidInfoFile(path, "not a JSON object")
+    active = data.get("active")
+    if not isinstance(active, str) or not active:
+        raise exception.InvalidInfoFile(path, "no 'active' file name")
+    generation = data.get("generation", 0)
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+        raise exception.InvalidInfoFile(path, f"generation {generation!r} is not a count")
+    fmt = data.get("format", default_format)
+    if fmt not in FORMATS:
+        raise exception.InvalidInfoFile(path, f"format {fmt!r} is not raw or qcow2")
+    intent = data.get("intent")
+    if intent is not None and (not isinstance(intent, dict) or "op" not in intent):
+        raise exception.InvalidInfoFile(path, f"intent {intent!r} is not an operation record")
+    snapshots = {}
+    for key, value in data.items():
+        if key in _RESERVED:
+            continue
+        if not isinstance(value, str) or not value:
+            raise exception.InvalidInfoFile(path, f"snapshot {key!r} maps to {value!r}")
+        snapshots[key] = value
+    return ChainState(active, snapshots, generation, fmt, intent, text)
+
+
+class Chain:
+    """The chain of one volume in one directory; call its methods under the volume's lock."""
+
+    def __init__(
+        self,
+        io: ImageIO,
+        directory: str,
+        volume_id: str,
+        size_gib: int,
+        default_format: str = "raw",
+    ) -> None:
+        self.io = io
+        self.directory = directory
+        self.volume_id = volume_id
+        self.size_bytes = int(size_gib) * GiB
+        self.default_format = default_format
+        self.base = f"volume-{volume_id}"
+        self.info_path = self.path(self.base + ".info")
+        self.tmp_name = f".{self.base}.tmp"
+        # The base and its overlays ("volume-<id>.<snapshot id>"), not the .info file.
+        self._own = re.compile(
+            rf"^{re.escape(self.base)}(?:\.(?!info$)[A-Za-z0-9][A-Za-z0-9_-]*)?$"
+        )
+
+    def __repr__(self) -> str:
+        return f"Chain({self.base} in {self.directory})"
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def overlay_name(self, snapshot_id: str) -> str:
+        if not _SNAP_ID_RE.match(snapshot_id or "") or snapshot_id in _RESERVED:
+            raise exception.InvalidSnapshot(f"snapshot id {snapshot_id!r} cannot name a file")
+        return f"{self.base}.{snapshot_id}"
+
+    # -- reading -------------------------------------------------------------
+
+    def load(self) -> ChainState:
+        """Read the .info file (or imply one: only the base exists)."""
+        text = self.io.read_text(self.info_path)
+        if text is None:
+            return ChainState(self.base, {}, 0, self.default_format)
+        state = parse_info(self.info_path, text, self.default_format)
+        for name in (state.active, *state.snapshots.values()):
+            if not self._own.match(name):
+                raise exception.InvalidInfoFile(
+                    self.info_path, f"{name!r} is not a file of volume {self.volume_id}"
+                )
+        return state
+
+    def exists(self) -> bool:
+        files = self.io.list_directory(self.directory)
+        return self.base in files or self.base + ".info" in files
+
+    def trusted_chain(self, state: ChainState, top: str | None = None) -> list[Link]:
+        """Headers of ``top`` (default: active) down to the base, each one checked.
+
+        The backing names must be this volume's own files, known to the .info
+        file (or the base), so an overlay pointing at another volume, at
+        ``/etc/shadow`` or at ``../x`` is refused before qemu-img opens it.
+        """
+        top = top or state.active
+        known = {self.base, state.active, *state.snapshots.values()}
+        headers = self.io.image_chain(
+            self.path(top), [self.base] if state.format == "raw" else None
+        )
+        links: list[Link] = []
+        expected = top
+        for header in headers:
+            name = os.path.basename(header["filename"])
+            if name != expected:
+                raise exception.InvalidImage(self.path(expected), "the chain walk went astray")
+            is_base = name == self.base
+            fmt = state.format if is_base else header["format"]
+            if not is_base and fmt != "qcow2":
+                raise exception.InvalidImage(self.path(name), f"overlay format is {fmt!r}")
+            if header.get("data_file"):
+                raise exception.InvalidImage(
+                    self.path(name), f"it uses an external data file {header['data_file']!r}"
+                )
+            if header.get("encrypted"):
+                raise exception.InvalidImage(self.path(name), "it is encrypted")
+            if header["virtual_size"] > self.size_bytes and self.size_bytes:
+                raise exception.InvalidImage(
+                    self.path(name),
+                    f"virtual size {header['virtual_size']} exceeds the volume size "
+                    f"{self.size_bytes}",
+                )
+            backing = None if (is_base and fmt == "raw") else header.get("backing_file")
+            if is_base and backing:
+                raise exception.InvalidImage(
+                    self.path(name), f"the base has a backing file {backing!r}"
+                )
+            if backing is not None:
+                if backing not in known or not self._own.match(backing) or backing == name:
+                    raise exception.InvalidImage(
+                        self.path(name),
+                        f"backing file {backing!r} is not one of volume {self.volume_id}'s "
+                        f"own files",
+                    )
+                want_fmt = state.format if backing == self.base else "qcow2"
+                if header.get("backing_format") not in (None, want_fmt):
+                    raise exception.InvalidImage(
+                        self.path(name),
+                        f"backing format {header.get('backing_format')!r}, expected {want_fmt}",
+                    )
+            links.append(Link(name, fmt, header["virtual_size"], backing))
+            if backing is None:
+                break
+            expected = backing
+        else:
+            raise exception.InvalidImage(
+                self.path(expected), "a backing file in the chain is missing"
+            )
+        if links[-1].name != self.base:
+            raise exception.InvalidImage(
+                self.path(links[-1].name), f"the chain does not end at {self.base}"
+            )
+        return links
+
+    # -- writing -------------------------------------------------------------
+
+    def save(self, state: ChainState, **changes: Any) -> ChainState:
+        """Compare-and-swap ``state`` with ``changes`` applied; the new state."""
+        new = dataclasses.replace(state, **changes)
+        new.snapshots = dict(new.snapshots)
+        new.generation = state.generation + 1
+        text = new.render()
+        current = self.io.replace_text_if(self.info_path, text, state.raw)
+        if current is not None:
+            found: int | None = None
+            try:
+                found = json.loads(current).get("generation") if current else None
+            except (ValueError, AttributeError):
+                found = None
+            raise exception.StaleInfoGeneration(self.info_path, state.generation, found)
+        new.raw = text
+        return new
+
+    # -- recovery ------------------------------------------------------------
+
+    def recover(self, state: ChainState) -> ChainState:
+        """Finish or roll back the change an earlier, interrupted operation recorded."""
+        intent = state.intent
+        if not intent:
+            return state
+        op = intent.get("op")
+        LOG.warning(
+            "volume %s: finishing interrupted %s (intent %s, generation %d)",
+            self.volume_id,
+            op,
+            intent,
+            state.generation,
+        )
+        handler: Callable[[ChainState, dict], ChainState] | None = {
+            "create_snapshot": self._recover_create_snapshot,
+            "delete_snapshot": self._recover_delete_snapshot,
+            "revert": self._recover_revert,
+            "delete_volume": self._recover_delete_volume,
+        }.get(op)
+        if handler is None:
+            raise exception.InvalidInfoFile(self.info_path, f"unknown intent {op!r}")
+        return handler(state, intent)
+
+    def load_recovered(self) -> ChainState:
+        """``load`` plus ``recover``: what every locked operation starts with."""
+        return self.recover(self.load())
+
+    def _recover_create_snapshot(self, state: ChainState, intent: dict) -> ChainState:
+        name = intent["file"]
+        if name in (state.active, *state.snapshots.values()):
+            return self.save(state, intent=None)
+        self.io.unlink(self.path(self._checked_name(name)))
+        return self.save(state, intent=None)
+
+    def _recover_delete_snapshot(self, state: ChainState, intent: dict) -> ChainState:
+        return self._finish_delete_snapshot(state, intent)
+
+    def _recover_revert(self, state: ChainState, intent: dict) -> ChainState:
+        self.io.unlink(self.path(intent["tmp"]))
+        return self._finish_revert(state, intent)
+
+    def _recover_delete_volume(self, state: ChainState, intent: dict) -> ChainState:
+        self._delete_files(state)
+        raise exception.VolumeNotFound(
+            f"volume {self.volume_id} was being deleted by an interrupted operation; "
+            f"the deletion is now finished"
+        )
+
+    def _checked_name(self, name: str) -> str:
+        if not isinstance(name, str) or not self._own.match(name):
+            raise exception.InvalidInfoFile(self.info_path, f"intent names {name!r}")
+        return name
+
+    # -- operations (caller holds the volume's lock) -------------------------
+
+    def create_base(self, fmt: str, provisioning: str) -> ChainState:
+        """A new volume file: raw sparse, raw thick (fallocate) or qcow2."""
+        if fmt not in FORMATS:
+            raise exception.InvalidImage(self.path(self.base), f"format {fmt!r}")
+        self._clear_tmp()
+        files = self.io.list_directory(self.directory)
+        if self.base in files or self.base + ".info" in files:
+            raise exception.VolumeExists(
+                f"volume {self.volume_id} already has files in {self.directory}; "
+                f"nothing was overwritten (delete it first)"
+            )
+        tmp = self.path(self.tmp_name)
+        try:
+            if fmt == "qcow2":
+                self.io.create(tmp, "qcow2", self.size_bytes, None, None)
+            elif provisioning == "thick":
+                self.io.fallocate(tmp, self.size_bytes)
+            else:
+                self.io.truncate(tmp, self.size_bytes)
+            return self._publish_tmp(fmt)
+        except BaseException:
+            self.io.unlink(tmp)
+            raise
+
+    def create_from(self, src: str, src_fmt: str, fmt: str, sparse: bool) -> ChainState:
+        """A new volume as a flat copy of ``src`` (an image path of another chain)."""
+        self._clear_tmp()
+        files = self.io.list_directory(self.directory)
+        if self.base in files or self.base + ".info" in files:
+            raise exception.VolumeExists(
+                f"volume {self.volume_id} already has files in {self.directory}"
+            )
+        tmp = self.path(self.tmp_name)
+        try:
+            self.io.convert(src, src_fmt, tmp, fmt, sparse)
+            header = self.io.image_chain(tmp, [self.tmp_name] if fmt == "raw" else None)[0]
+            if header["virtual_size"] < self.size_bytes:
+                self._grow(tmp, fmt, not sparse)
+            return self._publish_tmp(fmt)
+        except BaseException:
+            self.io.unlink(tmp)
+            raise
+
+    def _publish_tmp(self, fmt: str) -> ChainState:
+        self.io.rename(self.path(self.tmp_name), self.path(self.base))
+        return self.save(ChainState(self.base, {}, 0, fmt))
+
+    def _grow(self, path: str, fmt: str, thick: bool) -> None:
+        if fmt == "qcow2":
+            self.io.resize(path, "qcow2", self.size_bytes)
+        elif thick:
+            self.io.fallocate(path, self.size_bytes)
+        else:
+            self.io.truncate(path, self.size_bytes)
+
+    def _clear_tmp(self) -> None:
+        self.io.unlink(self.path(self.tmp_name))
+
+    def create_snapshot(self, snapshot_id: str) -> ChainState:
+        state = self.load_recovered()
+        new = self.overlay_name(snapshot_id)
+        if snapshot_id in state.snapshots:
+            raise exception.InvalidSnapshot(
+                f"snapshot {snapshot_id} of volume {self.volume_id} already exists"
+            )
+        links = self.trusted_chain(state)
+        top = links[0]
+        state = self.save(state, intent={"op": "create_snapshot", "file": new})
+        self.io.create(self.path(new), "qcow2", self.size_bytes, top.name, top.format)
+        snapshots = {**state.snapshots, snapshot_id: new}
+        return self.save(state, active=new, snapshots=snapshots, intent=None)
+
+    def snapshot_image(self, state: ChainState, snapshot_id: str) -> Link:
+        """The image holding ``snapshot_id``'s data: the backing of its overlay."""
+        overlay = self._snapshot_file(state, snapshot_id)
+        links = self.trusted_chain(state)
+        names = [link.name for link in links]
+        if overlay not in names:
+            raise exception.InvalidInfoFile(
+                self.info_path, f"snapshot {snapshot_id}'s file {overlay} is not in the chain"
+            )
+        return links[names.index(overlay) + 1]
+
+    def _snapshot_file(self, state: ChainState, snapshot_id: str) -> str:
+        try:
+            return state.snapshots[snapshot_id]
+        except KeyError:
+            raise exception.SnapshotNotFound(
+                f"snapshot {snapshot_id} is not in {self.info_path}"
+            ) from None
+
+    def delete_snapshot(self, snapshot_id: str) -> ChainState:
+        state = self.load_recovered()
+        if snapshot_id not in state.snapshots:
+            # Deleting what is gone succeeds, as in Cinder.
+            LOG.info("snapshot %s of volume %s: already gone", snapshot_id, self.volume_id)
+            return state
+        target = state.snapshots[snapshot_id]
+        links = self.trusted_chain(state)
+        names = [link.name for link in links]
+        if target not in names:
+            raise exception.InvalidInfoFile(
+                self.info_path, f"snapshot {snapshot_id}'s file {target} is not in the chain"
+            )
+        i = names.index(target)
+        base = links[i + 1]
+        higher = links[i - 1].name if i > 0 else None
+        intent = {
+            "op": "delete_snapshot",
+            "snapshot": snapshot_id,
+            "file": target,
+            "base": base.name,
+            "base_format": base.format,
+            "higher": higher,
+        }
+        state = self.save(state, intent=intent)
+        return self._finish_delete_snapshot(state, intent)
+
+    def _finish_delete_snapshot(self, state: ChainState, intent: dict) -> ChainState:
+        target = self._checked_name(intent["file"])
+        base = self._checked_name(intent["base"])
+        higher = intent.get("higher")
+        files = self.io.list_directory(self.directory)
+        if target in files:
+            still_needed = True
+            if higher:
+                higher = self._checked_name(higher)
+                top = self.io.image_chain(self.path(higher))[0]
+                still_needed = top.get("backing_file") == target
+            if still_needed:
+                self.io.commit(self.path(target))
+                if higher:
+                    self.io.rebase_unsafe(self.path(higher), base, intent["base_format"])
+            self.io.unlink(self.path(target))
+        snapshots = {k: v for k, v in state.snapshots.items() if k != intent["snapshot"]}
+        active = base if state.active == target else state.active
+        return self.save(state, active=active, snapshots=snapshots, intent=None)
+
+    def revert(self, snapshot_id: str) -> ChainState:
+        state = self.load_recovered()
+        overlay = self._snapshot_file(state, snapshot_id)
+        if overlay != state.active:
+            raise exception.InvalidSnapshot(
+                f"volume {self.volume_id} can only be reverted to its latest snapshot "
+                f"(as in Cinder); {snapshot_id} is older. Delete the newer snapshots first."
+            )
+        links = self.trusted_chain(state)
+        intent = {
+            "op": "revert",
+            "snapshot": snapshot_id,
+            "file": overlay,
+            "backing": links[1].name,
+            "backing_format": links[1].format,
+            "tmp": f".{overlay}.revert",
+        }
+        state = self.save(state, intent=intent)
+        return self._finish_revert(state, intent)
+
+    def _finish_revert(self, state: ChainState, intent: dict) -> ChainState:
+        overlay = self._checked_name(intent["file"])
+        tmp = self.path(f".{overlay}.revert")
+        backing = self._checked_name(intent["backing"])
+        self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"])
+        self.io.rename(tmp, self.path(overlay))
+        return self.save(state, intent=None)
+
+    def extend(self, new_size_gib: int, thick: bool = False) -> ChainState:
+        state = self.load_recovered()
+        new_size = int(new_size_gib) * GiB
+        self.size_bytes = max(self.size_bytes, new_size)
+        top = self.trusted_chain(state)[0]
+        if new_size < top.virtual_size:
+            raise exception.VolumeError(
+                f"volume {self.volume_id} is {top.virtual_size} bytes; cannot shrink to {new_size}"
+            )
+        self._grow(self.path(top.name), top.format, thick)
+        return state
+
+    def delete_volume(self) -> None:
+        """Remove every file of the volume, then the .info file; missing files are fine."""
+        try:
+            state = self.load()
+        except exception.InvalidInfoFile:
+            raise  # never delete what we cannot read: an operator must look first
+        if state.raw is not None and not (state.intent or {}).get("op") == "delete_volume":
+            state = self.save(state, intent={"op": "delete_volume"})
+        self._delete_files(state)
+
+    def _delete_files(self, state: ChainState) -> None:
+        files = self.io.list_directory(self.directory)
+        mine = [n for n in files if self._own.match(n)]
+        order = [state.active, *sorted(state.snapshots.values(), reverse=True)]
+        for name in [*order, *sorted(mine, reverse=True)]:
+            if name in files and name != self.base:
+                self.io.unlink(self.path(name))
+                files.pop(name)
+        for name in (
+            self.base,
+            self.tmp_name,
+            *[n for n in files if n.startswith(f".{self.base}.")],
+        ):
+            if name in files:
+                self.io.unlink(self.path(name))
+        self.io.unlink(self.info_path)
+
+    # -- verification (tests, demo, operators) -------------------------------
+
+    def verify(self, deep: bool = True) -> dict:
+        """Check the chain end to end; a report, with ``problems`` empty when intact.
+
+        .info parses with no intent pending, every file it names exists and
+        forms one trusted chain, no file of this volume lies outside the
+        chain, and (``deep``) ``qemu-img check`` passes on every qcow2 link.
+        """
+        problems: list[str] = []
+        report: dict[str, Any] = {"volume_id": self.volume_id, "problems": problems}
+        try:
+            state = self.load()
+        except exception.VolumeError as exc:
+            problems.append(str(exc))
+            return report
+        report["generation"] = state.generation
+        report["snapshots"] = dict(state.snapshots)
+        if state.intent:
+            problems.append(f"intent pending: {state.intent}")
+        try:
+            links = self.trusted_chain(state)
+        except exception.VolumeError as exc:
+            problems.append(str(exc))
+            return report
+        report["chain"] = [link.name for link in links]
+        chain_names = set(report["chain"])
+        for snap, name in state.snapshots.items():
+            if name not in chain_names:
+                problems.append(f"snapshot {snap}: {name} is not in the chain")
+        files = self.io.list_directory(self.directory)
+        for name in files:
+            if (self._own.match(name) or name.startswith(f".{self.base}.")) and (
+                name not in chain_names
+            ):
+                problems.append(f"orphan file {name}")
+        if deep:
+            for link in links:
+                if link.format == "qcow2":
+                    result = self.io.check(self.path(link.name), "qcow2")
+                    if result.get("exit_code") or result.get("corruptions"):
+                        problems.append(f"qemu-img check {link.name}: {result}")
+        return report

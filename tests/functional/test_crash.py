@@ -1,0 +1,150 @@
+"""SIGKILL a driver process between the steps of an operation; the next one recovers.
+
+Each case builds a volume with two snapshots and known data (region 0 holds
+0x11 in s1, 0x22 in s2, 0x33 in the active image), runs one operation in a
+separate process that kills itself at a chosen step (before or after a given
+privileged call), then runs the next operation on that volume from this
+process. That operation must finish or roll back the interrupted one (the
+intent recorded in the .info file says which), and afterwards the chain
+verifies (qemu-img check, .info matches the files, no orphan) and every
+snapshot and the active image read back the right bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from remotefs_aa import exception, service
+from remotefs_aa.objects import Snapshot, Volume
+from tests import REPO
+from tests.functional import volumes as v
+
+pytestmark = pytest.mark.functional
+
+
+@pytest.fixture
+def env(tmp_path):
+    config = v.write_config(str(tmp_path))
+    driver = v.start_driver(config)
+    yield config, driver
+    service.stop()
+
+
+def _prepared(driver):
+    vol = Volume(size=1)
+    vol.provider_location = driver.create_volume(vol)["provider_location"]
+    s1, s2 = Snapshot(vol), Snapshot(vol)
+    v.write_region(*v.active_image(driver, vol), 0, 0x11)
+    driver.create_snapshot(s1)
+    v.write_region(*v.active_image(driver, vol), 0, 0x22)
+    driver.create_snapshot(s2)
+    v.write_region(*v.active_image(driver, vol), 0, 0x33)
+    return vol, s1, s2
+
+
+def _crash(config, job):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.functional.crashworker", config, json.dumps(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+
+
+def _intent(driver, vol):
+    return driver.chain(vol).load().intent
+
+
+CASES = [
+    # op, snapshot, crash point, expected snapshots afterwards, expected active pattern
+    ("create_snapshot", "new", ("create", 1, "before"), "s1 s2", 0x33),
+    ("create_snapshot", "new", ("create", 1, "after"), "s1 s2", 0x33),
+    ("delete_snapshot", "s1", ("commit", 1, "after"), "s2", 0x33),
+    ("delete_snapshot", "s1", ("rebase_unsafe", 1, "after"), "s2", 0x33),
+    ("delete_snapshot", "s1", ("unlink", 1, "after"), "s2", 0x33),
+    ("delete_snapshot", "s2", ("commit", 1, "after"), "s1", 0x33),
+    ("delete_snapshot", "s2", ("unlink", 1, "after"), "s1", 0x33),
+    ("revert", "s2", ("create", 1, "after"), "s1 s2", 0x22),
+    ("revert", "s2", ("rename", 1, "after"), "s1 s2", 0x22),
+]
+
+
+@pytest.mark.parametrize(
+    "op,target,crash,left,active", CASES, ids=[f"{c[0]}-{c[1]}-{c[2][0]}-{c[2][2]}" for c in CASES]
+)
+def test_crash_then_next_operation_recovers(env, op, target, crash, left, active):
+    config, driver = env
+    vol, s1, s2 = _prepared(driver)
+    snaps = {"s1": s1, "s2": s2}
+    snap_id = snaps[target].id if target in snaps else "crashed-new"
+    job = {
+        "op": op,
+        "volume": dataclasses.asdict(vol),
+        "snapshot_id": snap_id,
+        "crash": dict(zip(("method", "nth", "when"), crash, strict=True)),
+    }
+    _crash(config, job)
+    assert _intent(driver, vol) is not None, "the crash left no intent: nothing was tested"
+    problems = driver.verify_volume(vol)["problems"]
+    assert any("intent pending" in p for p in problems)
+
+    # The next operation on the volume recovers first, then does its own work.
+    s3 = Snapshot(vol)
+    driver.create_snapshot(s3)
+    assert _intent(driver, vol) is None
+    assert driver.verify_volume(vol)["problems"] == []
+    state = driver.chain(vol).load()
+    expected = {snaps[name].id for name in left.split()} | {s3.id}
+    assert set(state.snapshots) == expected
+    patterns = {"s1": 0x11, "s2": 0x22}
+    for name in left.split():
+        assert v.region_is(*v.snapshot_image(driver, snaps[name]), 0, patterns[name])
+    assert v.region_is(*v.snapshot_image(driver, s3), 0, active)
+    assert v.region_is(*v.active_image(driver, vol), 0, active)
+
+
+def test_crash_during_delete_volume_is_finished_by_the_next_delete(env):
+    config, driver = env
+    vol, _s1, _s2 = _prepared(driver)
+    job = {
+        "op": "delete_volume",
+        "volume": dataclasses.asdict(vol),
+        "crash": {"method": "unlink", "nth": 2, "when": "after"},
+    }
+    _crash(config, job)
+    assert 0 < len(v.volume_files(driver, vol)) < 4
+    with pytest.raises(exception.VolumeNotFound, match="deletion is now finished"):
+        driver.create_snapshot(Snapshot(vol))
+    assert v.volume_files(driver, vol) == []
+    driver.delete_volume(vol)
+
+
+def test_crash_during_clone_leaves_source_intact_and_no_volume(env):
+    config, driver = env
+    vol, s1, s2 = _prepared(driver)
+    new = Volume(size=1, provider_location=vol.provider_location)
+    job = {
+        "op": "clone",
+        "volume": dataclasses.asdict(vol),
+        "new_volume": dataclasses.asdict(Volume(id=new.id, size=1)),
+        "crash": {"method": "convert", "nth": 1, "when": "after"},
+    }
+    _crash(config, job)
+    assert driver.verify_volume(vol)["problems"] == []
+    assert v.volume_files(driver, new) == [f".volume-{new.id}.tmp"]
+    # Retrying the clone replaces the leftover; deleting would remove it too.
+    driver.create_cloned_volume(new, vol)
+    assert v.region_is(*v.active_image(driver, new), 0, 0x33)
+    assert driver.verify_volume(new)["problems"] == []
+    assert v.region_is(*v.snapshot_image(driver, s1), 0, 0x11)
+    assert v.region_is(*v.snapshot_image(driver, s2), 0, 0x22)

@@ -1,0 +1,297 @@
+"""The chain bookkeeping (.info parsing, fencing, step order, recovery) on an in-memory share.
+
+The functional tests run the same code on real images with qemu-img; here a
+tiny model of a directory of images (name -> format, size, backing) makes
+every branch quick to reach, including failures at each step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from remotefs_aa import exception
+from remotefs_aa.image import chain as ch
+
+GiB = ch.GiB
+D = "/share"
+
+
+class Boom(Exception):
+    pass
+
+
+class FakeIO:
+    """Images as dicts; text files as strings; ``fail_at`` raises at a step."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, dict] = {}
+        self.texts: dict[str, str] = {}
+        self.calls: list[str] = []
+        self.fail_at: tuple[str, int] | None = None
+
+    def _step(self, name: str) -> None:
+        self.calls.append(name)
+        if self.fail_at and self.fail_at[0] == name:
+            n = self.fail_at[1] - 1
+            self.fail_at = (name, n) if n else None
+            if not n:
+                raise Boom(name)
+
+    def read_text(self, path):
+        return self.texts.get(path)
+
+    def replace_text_if(self, path, data, expected):
+        self._step("replace_text_if")
+        current = self.texts.get(path)
+        if current != expected:
+            return "" if current is None else current
+        self.texts[path] = data
+        return None
+
+    def unlink(self, path):
+        self._step("unlink")
+        return self.images.pop(path, None) is not None or self.texts.pop(path, None) is not None
+
+    def rename(self, src, dst):
+        self._step("rename")
+        self.images[dst] = self.images.pop(src)
+
+    def list_directory(self, path):
+        names = {os.path.basename(p): 1 for p in [*self.images, *self.texts]}
+        return names
+
+    def image_chain(self, path, raw=None):
+        out = []
+        while path in self.images:
+            img = self.images[path]
+            name = os.path.basename(path)
+            is_raw = name in (raw or ())
+            out.append(
+                {
+                    "filename": path,
+                    "format": "raw" if is_raw else img["format"],
+                    "virtual_size": img["size"],
+                    "backing_file": None if is_raw else img["backing"],
+                    "backing_format": img.get("backing_format"),
+                    "data_file": img.get("data_file"),
+                    "encrypted": False,
+                }
+            )
+            if is_raw or not img["backing"]:
+                break
+            path = os.path.join(D, img["backing"])
+        return out
+
+    def create(self, path, fmt, size, backing, backing_fmt):
+        self._step("create")
+        self.images[path] = {
+            "format": fmt,
+            "size": size,
+            "backing": backing,
+            "backing_format": backing_fmt,
+        }
+
+    def truncate(self, path, size):
+        self._step("truncate")
+        self.images.setdefault(path, {"format": "raw", "backing": None})["size"] = size
+
+    fallocate = truncate
+
+    def commit(self, path):
+        self._step("commit")
+
+    def rebase_unsafe(self, path, backing, backing_fmt):
+        self._step("rebase_unsafe")
+        self.images[path]["backing"] = backing
+
+    def resize(self, path, fmt, size):
+        self._step("resize")
+        self.images[path]["size"] = size
+
+    def convert(self, src, src_fmt, dst, dst_fmt, sparse):
+        self._step("convert")
+        self.images[dst] = {"format": dst_fmt, "size": self.images[src]["size"], "backing": None}
+
+    def check(self, path, fmt):
+        return {"exit_code": 0}
+
+    def statvfs(self, path):
+        return {"total": 100 * GiB, "free": 50 * GiB, "available": 50 * GiB}
+
+
+@pytest.fixture
+def io():
+    return FakeIO()
+
+
+def _chain(io, vid="v1", size=1):
+    return ch.Chain(io, D, vid, size, "raw")
+
+
+def _with_snaps(io, n=2):
+    c = _chain(io)
+    c.create_base("raw", "thin")
+    for i in range(n):
+        c.create_snapshot(f"s{i + 1}")
+    return c
+
+
+def test_parse_info_accepts_cinder_files_and_ours():
+    state = ch.parse_info("x", json.dumps({"active": "volume-v1.s1", "s1": "volume-v1.s1"}), "raw")
+    assert state.generation == 0 and state.snapshots == {"s1": "volume-v1.s1"}
+    assert state.format == "raw" and state.intent is None
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("{", "not JSON"),
+        ("[]", "not a JSON object"),
+        ("{}", "no 'active'"),
+        ('{"active": "a", "generation": -1}', "not a count"),
+        ('{"active": "a", "generation": true}', "not a count"),
+        ('{"active": "a", "format": "vmdk"}', "not raw or qcow2"),
+        ('{"active": "a", "intent": 3}', "not an operation record"),
+        ('{"active": "a", "s1": 5}', "maps to 5"),
+    ],
+)
+def test_parse_info_refuses_malformed_files(text, reason):
+    with pytest.raises(exception.InvalidInfoFile, match=reason):
+        ch.parse_info("/s/volume-v1.info", text, "raw")
+
+
+def test_info_naming_foreign_files_is_refused(io):
+    c = _with_snaps(io, 1)
+    io.texts[c.info_path] = json.dumps({"active": "volume-v2", "s1": "volume-v1.s1"})
+    with pytest.raises(exception.InvalidInfoFile, match="not a file of volume v1"):
+        c.load()
+
+
+def test_snapshot_bookkeeping_and_generations(io):
+    c = _with_snaps(io, 3)
+    state = c.load()
+    assert state.active == "volume-v1.s3"
+    assert state.snapshots == {"s1": "volume-v1.s1", "s2": "volume-v1.s2", "s3": "volume-v1.s3"}
+    # base + 3 snapshots * (intent + result)
+    assert state.generation == 7
+    assert [link.name for link in c.trusted_chain(state)] == [
+        "volume-v1.s3",
+        "volume-v1.s2",
+        "volume-v1.s1",
+        "volume-v1",
+    ]
+    assert c.snapshot_image(state, "s2").name == "volume-v1.s1"
+
+
+def test_delete_middle_snapshot_commits_rebases_and_unlinks(io):
+    c = _with_snaps(io, 3)
+    io.calls.clear()
+    c.delete_snapshot("s2")
+    assert io.calls == ["replace_text_if", "commit", "rebase_unsafe", "unlink", "replace_text_if"]
+    assert io.images[f"{D}/volume-v1.s3"]["backing"] == "volume-v1.s1"
+    state = c.load()
+    assert "s2" not in state.snapshots and state.active == "volume-v1.s3"
+    assert c.verify()["problems"] == []
+
+
+def test_delete_active_snapshot_makes_its_base_active(io):
+    c = _with_snaps(io, 2)
+    io.calls.clear()
+    c.delete_snapshot("s2")
+    assert io.calls == ["replace_text_if", "commit", "unlink", "replace_text_if"]
+    assert c.load().active == "volume-v1.s1"
+
+
+@pytest.mark.parametrize("fail_at", ["commit", "rebase_unsafe", "unlink"])
+def test_interrupted_delete_is_finished_by_the_next_operation(io, fail_at):
+    c = _with_snaps(io, 3)
+    io.fail_at = (fail_at, 1)
+    with pytest.raises(Boom):
+        c.delete_snapshot("s2")
+    assert c.load().intent["op"] == "delete_snapshot"
+    c.create_snapshot("s4")
+    state = c.load()
+    assert state.intent is None and "s2" not in state.snapshots
+    assert c.verify()["problems"] == []
+
+
+def test_interrupted_create_snapshot_is_rolled_back(io):
+    c = _with_snaps(io, 1)
+    io.fail_at = ("replace_text_if", 2)  # after the overlay exists, before publishing it
+    with pytest.raises(Boom):
+        c.create_snapshot("s2")
+    assert f"{D}/volume-v1.s2" in io.images
+    state = c.load_recovered()
+    assert f"{D}/volume-v1.s2" not in io.images and "s2" not in state.snapshots
+    assert c.verify()["problems"] == []
+
+
+def test_interrupted_revert_is_redone(io):
+    c = _with_snaps(io, 2)
+    io.fail_at = ("rename", 1)
+    with pytest.raises(Boom):
+        c.revert("s2")
+    c.load_recovered()
+    assert c.load().intent is None
+    assert c.verify()["problems"] == []
+
+
+def test_revert_only_to_latest(io):
+    c = _with_snaps(io, 2)
+    with pytest.raises(exception.InvalidSnapshot, match="latest"):
+        c.revert("s1")
+
+
+def test_fencing_refuses_a_writer_with_a_stale_read(io):
+    c = _with_snaps(io, 1)
+    stale = c.load()
+    c.create_snapshot("s2")  # someone else moved on
+    with pytest.raises(
+        exception.StaleInfoGeneration, match="generation 3 when read and is now at 5"
+    ):
+        c.save(stale, intent={"op": "delete_snapshot"})
+
+
+def test_hostile_backing_names_are_refused(io):
+    c = _with_snaps(io, 1)
+    for backing in ("/etc/shadow", "../x", "volume-v2", "volume-v1.unknown"):
+        io.images[f"{D}/volume-v1.s1"]["backing"] = backing
+        with pytest.raises(exception.InvalidImage, match="backing file"):
+            c.trusted_chain(c.load())
+
+
+def test_missing_link_and_oversize_are_refused(io):
+    c = _with_snaps(io, 2)
+    io.images[f"{D}/volume-v1.s1"]["size"] = 2 * GiB
+    with pytest.raises(exception.InvalidImage, match="exceeds"):
+        c.trusted_chain(c.load())
+    io.images[f"{D}/volume-v1.s1"]["size"] = GiB
+    del io.images[f"{D}/volume-v1.s1"]
+    with pytest.raises(exception.InvalidImage, match="missing"):
+        c.trusted_chain(c.load())
+
+
+def test_delete_volume_removes_everything_and_is_resumable(io):
+    c = _with_snaps(io, 3)
+    io.images[f"{D}/.volume-v1.tmp"] = {"format": "raw", "size": 1, "backing": None}
+    io.fail_at = ("unlink", 2)
+    with pytest.raises(Boom):
+        c.delete_volume()
+    with pytest.raises(exception.VolumeNotFound, match="deletion is now finished"):
+        c.create_snapshot("s9")
+    assert io.images == {} and io.texts == {}
+
+
+def test_create_base_refuses_existing_volume_and_cleans_temp(io):
+    c = _chain(io)
+    c.create_base("raw", "thin")
+    with pytest.raises(exception.VolumeExists):
+        c.create_base("raw", "thin")
+    io.fail_at = ("convert", 1)
+    other = _chain(io, "v2")
+    with pytest.raises(Boom):
+        other.create_from(f"{D}/volume-v1", "raw", "raw", True)
+    assert f"{D}/.volume-v2.tmp" not in io.images
