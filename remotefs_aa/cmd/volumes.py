@@ -105,9 +105,19 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     """A plain aligned text table."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    # Numbers right-aligned (so digits line up), text left-aligned.
+    numeric = [
+        bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))
+    ]
+
+    def fmt(values: list[str]) -> str:
+        return "  ".join(
+            (v.rjust(w) if num else v.ljust(w))
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in cells]
     return "\n".join(lines)
 
 

@@ -286,8 +286,8 @@ class RemoteFSDriver(VolumeDriver):
                     if self.volume_format == "qcow2":
                         try:
                             size = self.io.image_chain(os.path.join(path, name))[0]["virtual_size"]
-                        except exception.RemoteFSAAError:
-                            pass
+                        except (exception.RemoteFSAAError, OSError):
+                            pass  # being created or deleted right now: its listed size
                     sizes[name[len("volume-") :]] = size
             with self._stats_lock:
                 self._provisioned[share] = sizes

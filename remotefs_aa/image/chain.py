@@ -281,9 +281,14 @@ class Chain:
         """
         top = top or state.active
         known = {self.base, state.active, *state.snapshots.values()}
-        headers = self.io.image_chain(
-            self.path(top), [self.base] if state.format == "raw" else None
-        )
+        try:
+            headers = self.io.image_chain(
+                self.path(top), [self.base] if state.format == "raw" else None
+            )
+        except FileNotFoundError:
+            raise exception.InvalidImage(
+                self.path(top), "the image is missing (named by the .info file)"
+            ) from None
         links: list[Link] = []
         expected = top
         for header in headers:

@@ -228,8 +228,11 @@ def list_directory(path: str) -> dict[str, int]:
     result = {}
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.is_file(follow_symlinks=False):
-                result[entry.name] = entry.stat(follow_symlinks=False).st_size
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    result[entry.name] = entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue  # removed (by another volume's operation) while we listed
     return result
 
 

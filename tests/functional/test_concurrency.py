@@ -84,7 +84,10 @@ def _run(tmp_path, backend_url=None, provider=None):
         for proc in procs:
             out, err = proc.communicate(timeout=300)
             lines = [line for line in out.splitlines() if line.startswith("result ")]
-            assert lines, f"worker {proc.pid} exited {proc.returncode} without a result: {err}"
+            assert lines, (
+                f"worker {proc.pid} exited {proc.returncode} without a result: "
+                f"{err[-2000:]} {out[-2000:]}"
+            )
             results.append(json.loads(lines[-1][len("result ") :]))
         report = workload.verify(driver, registries, derived)
         return results, report
