@@ -37,7 +37,8 @@ class LocalDriver(RemoteFSDriver):
     def ensure_share_ready(self, share: str) -> None:
         from remotefs_aa.privsep import files
 
-        files.make_directory(share, 0o755)
+        if not os.path.isdir(share):
+            files.make_directory(share, 0o755)
 
     def share_path(self, share: str) -> str:
         return share

@@ -162,7 +162,9 @@ class RemoteFSDriver(VolumeDriver):
         src = self.chain(src_vref)
         state = src.load_recovered()
         top = src.trusted_chain(state)[0]
-        return self._create_from(volume, src.path(top.name), top.format, f"clone of {src_vref.id}")
+        return self._create_from(
+            volume, src.path(top.name), top.format, top.virtual_size, f"clone of {src_vref.id}"
+        )
 
     @synchronized("{snapshot.volume_id}", "{volume.id}")
     def create_volume_from_snapshot(self, volume: Any, snapshot: Any) -> ModelUpdate:
@@ -170,13 +172,21 @@ class RemoteFSDriver(VolumeDriver):
         state = src.load_recovered()
         image = src.snapshot_image(state, snapshot.id)
         return self._create_from(
-            volume, src.path(image.name), image.format, f"from snapshot {snapshot.id}"
+            volume,
+            src.path(image.name),
+            image.format,
+            image.virtual_size,
+            f"from snapshot {snapshot.id}",
         )
 
-    def _create_from(self, volume: Any, src: str, src_fmt: str, what: str) -> ModelUpdate:
+    def _create_from(
+        self, volume: Any, src: str, src_fmt: str, src_size: int, what: str
+    ) -> ModelUpdate:
         share = self.find_share(volume.size)
         started = time.monotonic()
-        self.chain(volume, share).create_from(src, src_fmt, self.volume_format, not self.thick)
+        self.chain(volume, share).create_from(
+            src, src_fmt, src_size, self.volume_format, not self.thick
+        )
         self._account(share, volume.id, volume.size * GiB)
         LOG.info(
             "volume %s: created on %s as %s in %.0f ms",

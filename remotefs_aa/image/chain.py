@@ -10,7 +10,8 @@ Layout on the share (Cinder's)::
 snapshot's data is that overlay's *backing* file. We add three keys Cinder
 ignores: ``generation`` (bumped on every write), ``format`` (of the base, so a
 raw volume whose guest wrote a qcow2 header is never probed as qcow2) and
-``intent`` (a multi-step change in progress).
+``intent`` (a multi-step change in progress that destroys data: deleting a
+snapshot merges it away, reverting discards the active image).
 
 Every write is a compare-and-swap (``files.replace_file_if``): it succeeds only
 if the file still holds exactly what this writer read, so a service whose lock
@@ -23,9 +24,10 @@ same write that publishes the result. The next operation on the volume (under
 the same lock) finds the intent and finishes or rolls back. Step orders:
 
 create_snapshot S
-    1. intent {create_snapshot, file N}   2. qemu-img create N (backing = active)
-    3. write {active: N, S: N}, no intent.
-    Recovery: roll back (unlink N if present; nothing referenced it).
+    1. qemu-img create N (backing = active; its size given, so -u: the chain
+       was just checked)   2. write {active: N, S: N}.
+    No intent: until step 2, N is a file nothing refers to. Recovery: the next
+    snapshot of the volume removes such orphans (so does its deletion).
 delete_snapshot S, F = info[S], B = backing(F), H = the overlay on F (if any)
     1. intent {delete_snapshot, F, B, H}   2. qemu-img commit F (into B)
     3. if H: qemu-img rebase -u H onto B   4. unlink F
@@ -38,8 +40,10 @@ revert_to_snapshot S (only the latest, like Cinder), F = info[S] = active
     Recovery: finish (unlink T if present and redo 2-4): reverting twice is
     the same as reverting once.
 delete_volume
-    1. intent {delete_volume}   2. unlink every file of the volume, top first
-    3. unlink the .info file.   Recovery: finish.
+    1. rename .info to .volume-<id>.deleting (the intent; a fenced writer now
+       finds no .info and refuses)   2. unlink every file, top first
+    3. unlink the marker.   Recovery: finish (any operation that finds the
+       marker instead of an .info file does).
 create_volume / clone / create from snapshot
     Written to a hidden temp file ``.volume-<id>.tmp``, renamed into place,
     then the .info file is created. A crash leaves only the temp file, which
@@ -237,6 +241,8 @@ class Chain:
         self.base = f"volume-{volume_id}"
         self.info_path = self.path(self.base + ".info")
         self.tmp_name = f".{self.base}.tmp"
+        #: The .info file is renamed to this when deletion starts (the intent).
+        self.deleting_path = self.path(f".{self.base}.deleting")
         # The base and its overlays ("volume-<id>.<snapshot id>"), not the .info file.
         self._own = re.compile(
             rf"^{re.escape(self.base)}(?:\.(?!info$)[A-Za-z0-9][A-Za-z0-9_-]*)?$"
@@ -259,7 +265,10 @@ class Chain:
         """Read the .info file (or imply one: only the base exists)."""
         text = self.io.read_text(self.info_path)
         if text is None:
-            return ChainState(self.base, {}, 0, self.default_format)
+            state = ChainState(self.base, {}, 0, self.default_format)
+            if self.io.read_text(self.deleting_path) is not None:
+                state.intent = {"op": "delete_volume"}
+            return state
         state = parse_info(self.info_path, text, self.default_format)
         for name in (state.active, *state.snapshots.values()):
             if not self._own.match(name):
@@ -378,7 +387,6 @@ class Chain:
             state.generation,
         )
         handler: Callable[[ChainState, dict], ChainState] | None = {
-            "create_snapshot": self._recover_create_snapshot,
             "delete_snapshot": self._recover_delete_snapshot,
             "revert": self._recover_revert,
             "delete_volume": self._recover_delete_volume,
@@ -391,15 +399,8 @@ class Chain:
         """``load`` plus ``recover``: what every locked operation starts with."""
         return self.recover(self.load())
 
-    def _recover_create_snapshot(self, state: ChainState, intent: dict) -> ChainState:
-        name = intent["file"]
-        if name in (state.active, *state.snapshots.values()):
-            return self.save(state, intent=None)
-        self.io.unlink(self.path(self._checked_name(name)))
-        return self.save(state, intent=None)
-
     def _recover_delete_snapshot(self, state: ChainState, intent: dict) -> ChainState:
-        return self._finish_delete_snapshot(state, intent)
+        return self._finish_delete_snapshot(state, intent, recovering=True)
 
     def _recover_revert(self, state: ChainState, intent: dict) -> ChainState:
         self.io.unlink(self.path(intent["tmp"]))
@@ -423,13 +424,7 @@ class Chain:
         """A new volume file: raw sparse, raw thick (fallocate) or qcow2."""
         if fmt not in FORMATS:
             raise exception.InvalidImage(self.path(self.base), f"format {fmt!r}")
-        self._clear_tmp()
-        files = self.io.list_directory(self.directory)
-        if self.base in files or self.base + ".info" in files:
-            raise exception.VolumeExists(
-                f"volume {self.volume_id} already has files in {self.directory}; "
-                f"nothing was overwritten (delete it first)"
-            )
+        self._check_new()
         tmp = self.path(self.tmp_name)
         try:
             if fmt == "qcow2":
@@ -443,19 +438,15 @@ class Chain:
             self.io.unlink(tmp)
             raise
 
-    def create_from(self, src: str, src_fmt: str, fmt: str, sparse: bool) -> ChainState:
-        """A new volume as a flat copy of ``src`` (an image path of another chain)."""
-        self._clear_tmp()
-        files = self.io.list_directory(self.directory)
-        if self.base in files or self.base + ".info" in files:
-            raise exception.VolumeExists(
-                f"volume {self.volume_id} already has files in {self.directory}"
-            )
+    def create_from(
+        self, src: str, src_fmt: str, src_size: int, fmt: str, sparse: bool
+    ) -> ChainState:
+        """A new volume as a flat copy of ``src`` (a checked image of another chain)."""
+        self._check_new()
         tmp = self.path(self.tmp_name)
         try:
             self.io.convert(src, src_fmt, tmp, fmt, sparse)
-            header = self.io.image_chain(tmp, [self.tmp_name] if fmt == "raw" else None)[0]
-            if header["virtual_size"] < self.size_bytes:
+            if src_size < self.size_bytes:
                 self._grow(tmp, fmt, not sparse)
             return self._publish_tmp(fmt)
         except BaseException:
@@ -474,8 +465,21 @@ class Chain:
         else:
             self.io.truncate(path, self.size_bytes)
 
-    def _clear_tmp(self) -> None:
-        self.io.unlink(self.path(self.tmp_name))
+    def _check_new(self) -> None:
+        """Refuse to overwrite a volume; remove a crashed create's temp file."""
+        files = self.io.list_directory(self.directory)
+        if self.base in files or self.base + ".info" in files:
+            raise exception.VolumeExists(
+                f"volume {self.volume_id} already has files in {self.directory}; "
+                f"nothing was overwritten (delete it first)"
+            )
+        if self.tmp_name in files:
+            LOG.warning(
+                "volume %s: removing %s left by an interrupted create",
+                self.volume_id,
+                self.tmp_name,
+            )
+            self.io.unlink(self.path(self.tmp_name))
 
     def create_snapshot(self, snapshot_id: str) -> ChainState:
         state = self.load_recovered()
@@ -484,12 +488,26 @@ class Chain:
             raise exception.InvalidSnapshot(
                 f"snapshot {snapshot_id} of volume {self.volume_id} already exists"
             )
-        links = self.trusted_chain(state)
-        top = links[0]
-        state = self.save(state, intent={"op": "create_snapshot", "file": new})
+        # No intent record: until the .info write below, the new overlay is a
+        # file nothing refers to. A crash leaves it as an orphan, which this
+        # sweep (the next snapshot of the volume) or the volume's deletion removes.
+        self._sweep_orphans(state)
+        top = self.trusted_chain(state)[0]
         self.io.create(self.path(new), "qcow2", self.size_bytes, top.name, top.format)
         snapshots = {**state.snapshots, snapshot_id: new}
-        return self.save(state, active=new, snapshots=snapshots, intent=None)
+        return self.save(state, active=new, snapshots=snapshots)
+
+    def _sweep_orphans(self, state: ChainState) -> None:
+        """Remove overlays of this volume that the .info file does not name."""
+        named = {self.base, state.active, *state.snapshots.values()}
+        for name in self.io.list_directory(self.directory):
+            if self._own.match(name) and name not in named:
+                LOG.warning(
+                    "volume %s: removing orphan %s (an interrupted snapshot create)",
+                    self.volume_id,
+                    name,
+                )
+                self.io.unlink(self.path(name))
 
     def snapshot_image(self, state: ChainState, snapshot_id: str) -> Link:
         """The image holding ``snapshot_id``'s data: the backing of its overlay."""
@@ -537,18 +555,22 @@ class Chain:
         state = self.save(state, intent=intent)
         return self._finish_delete_snapshot(state, intent)
 
-    def _finish_delete_snapshot(self, state: ChainState, intent: dict) -> ChainState:
+    def _finish_delete_snapshot(
+        self, state: ChainState, intent: dict, recovering: bool = False
+    ) -> ChainState:
         target = self._checked_name(intent["file"])
         base = self._checked_name(intent["base"])
         higher = intent.get("higher")
-        files = self.io.list_directory(self.directory)
-        if target in files:
-            still_needed = True
-            if higher:
-                higher = self._checked_name(higher)
-                top = self.io.image_chain(self.path(higher))[0]
-                still_needed = top.get("backing_file") == target
-            if still_needed:
+        higher = self._checked_name(higher) if higher else None
+        present, needed = True, True
+        if recovering:
+            # Which steps ran before the crash? F gone: all but the .info
+            # write. H already on B: commit and rebase are done.
+            present = target in self.io.list_directory(self.directory)
+            if present and higher:
+                needed = self.io.image_chain(self.path(higher))[0].get("backing_file") == target
+        if present:
+            if needed:
                 self.io.commit(self.path(target))
                 if higher:
                     self.io.rebase_unsafe(self.path(higher), base, intent["base_format"])
@@ -599,12 +621,11 @@ class Chain:
 
     def delete_volume(self) -> None:
         """Remove every file of the volume, then the .info file; missing files are fine."""
-        try:
-            state = self.load()
-        except exception.InvalidInfoFile:
-            raise  # never delete what we cannot read: an operator must look first
-        if state.raw is not None and not (state.intent or {}).get("op") == "delete_volume":
-            state = self.save(state, intent={"op": "delete_volume"})
+        state = self.load()  # InvalidInfoFile: never delete what we cannot read
+        if state.raw is not None:
+            # The intent: once the .info file is renamed away, every reader
+            # (and a fenced writer whose lock lapsed) sees a volume being deleted.
+            self.io.rename(self.info_path, self.deleting_path)
         self._delete_files(state)
 
     def _delete_files(self, state: ChainState) -> None:
@@ -615,14 +636,13 @@ class Chain:
             if name in files and name != self.base:
                 self.io.unlink(self.path(name))
                 files.pop(name)
-        for name in (
-            self.base,
-            self.tmp_name,
-            *[n for n in files if n.startswith(f".{self.base}.")],
-        ):
+        marker = os.path.basename(self.deleting_path)
+        hidden = [n for n in files if n.startswith(f".{self.base}.") and n != marker]
+        for name in (self.base, *hidden):
             if name in files:
                 self.io.unlink(self.path(name))
         self.io.unlink(self.info_path)
+        self.io.unlink(self.deleting_path)
 
     # -- verification (tests, demo, operators) -------------------------------
 
