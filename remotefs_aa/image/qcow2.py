@@ -319,7 +319,7 @@ def _extensions(data: bytes, offset: int, end: int, path: str) -> tuple[str | No
     return backing_format, data_file
 
 
-def read_header(path: str) -> ImageHeader:
+def read_header(path: str, follow_symlinks: bool = True) -> ImageHeader:
     """Read and parse the header of the image file at ``path``.
 
     One ``open``, one ``fstat`` and (almost always) one ``read`` of at most
@@ -328,7 +328,12 @@ def read_header(path: str) -> ImageHeader:
     hang or feed us. OSError (missing file, no permission) propagates as is;
     InvalidImage means the file is there but its header is not acceptable.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    if not follow_symlinks:
+        # A link of a chain whose directory was already confined: a symlink
+        # could point anywhere, so opening one fails (ELOOP) instead.
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

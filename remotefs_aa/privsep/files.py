@@ -108,11 +108,13 @@ def _size_file(
 
 
 @entrypoint(file_pctxt)
-def write_file_atomic(path: str, data: str, mode: int = 0o644) -> None:
+def write_file_atomic(path: str, data: str, mode: int = 0o644, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync dir.
 
     A reader sees the old content or the new, never a torn file, even if the
-    daemon dies half-way.
+    daemon dies half-way. ``sync_dir=False`` leaves the rename's durability
+    to the next directory sync (for writes whose loss after a power cut the
+    caller can recover from).
     """
     target = _path(path)
     directory = os.path.dirname(target)
@@ -126,20 +128,23 @@ def write_file_atomic(path: str, data: str, mode: int = 0o644) -> None:
         except BaseException:
             _cmd(["rm", "-f", "--", tmp])
             raise
-        _cmd(["sync", "--", directory])
+        if sync_dir:
+            _cmd(["sync", "--", directory])
         return
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), bits)
             os.fsync(f.fileno())
-        os.chmod(tmp, bits)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if not sync_dir:
+        return
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
@@ -237,7 +242,9 @@ def list_directory(path: str) -> dict[str, int]:
 
 
 @entrypoint(file_pctxt)
-def replace_file_if(path: str, data: str, expected: str | None, mode: int = 0o644) -> str | None:
+def replace_file_if(
+    path: str, data: str, expected: str | None, mode: int = 0o644, durable: bool = True
+) -> str | None:
     """Compare-and-swap a small file: write ``data`` only if it still holds ``expected``.
 
     ``expected=None`` means "the file must not exist yet". Returns None when
@@ -252,5 +259,43 @@ def replace_file_if(path: str, data: str, expected: str | None, mode: int = 0o64
         current = None
     if current != expected:
         return "" if current is None else current
-    write_file_atomic.__wrapped__(path, data, mode)  # type: ignore[attr-defined]
+    write_file_atomic.__wrapped__(path, data, mode, sync_dir=durable)  # type: ignore[attr-defined]
     return None
+
+
+@entrypoint(file_pctxt)
+def unlink_many(directory: str, names: list[str]) -> list[str]:
+    """Remove files ``names`` (plain names) from ``directory``, in order; those removed.
+
+    One round trip for a volume's whole chain. Missing files are skipped;
+    directories and names with a path in them are refused before anything is
+    removed.
+    """
+    folder = _path(directory, "directory")
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name or "\x00" in name:
+            raise exception.PrivilegedArgumentRefused(f"{name!r} is not a plain file name")
+        if name in (".", ".."):
+            raise exception.PrivilegedArgumentRefused(f"{name!r} is not a file")
+    removed = []
+    if runner.via_commands():
+        for name in names:
+            _rc, out, _err = _cmd(["rm", "-fv", "--", os.path.join(folder, name)])
+            if out.strip():
+                removed.append(name)
+        return removed
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=dir_fd)  # never follows a symlink
+            except FileNotFoundError:
+                continue
+            except IsADirectoryError:
+                raise exception.PrivilegedArgumentRefused(
+                    f"{name!r} in {directory!r} is a directory; not removed"
+                ) from None
+            removed.append(name)
+    finally:
+        os.close(dir_fd)
+    return removed

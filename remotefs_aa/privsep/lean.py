@@ -78,8 +78,6 @@ class LeanClientChannel:
         self._waiting: set[int] = set()
         self._ids = itertools.count(1)
         self._error: OSError | None = None
-        self._poll = select.poll()
-        self._poll.register(sock, select.POLLIN | select.POLLHUP)
         self._alive = True
         try:
             reply = self.send_recv((comm.Message.PING.value,), timeout=60)
@@ -100,7 +98,9 @@ class LeanClientChannel:
             return False
         if self._reading:
             return True
-        for _, events in self._poll.poll(0):
+        poller = select.poll()  # one per call: callers may be several threads
+        poller.register(self._sock, select.POLLIN | select.POLLHUP)
+        for _, events in poller.poll(0):
             if events & select.POLLHUP:
                 return False
             if events & select.POLLIN:

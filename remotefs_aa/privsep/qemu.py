@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 from remotefs_aa import exception
 from remotefs_aa.privsep import confine, entrypoint, file_pctxt, runner, settings
@@ -155,49 +156,60 @@ def image_chain(path: str, raw: list[str] | None = None) -> list[dict]:
     if runner.via_commands():
         infos = qemu_img_info.__wrapped__(path, backing_chain=True, force_share=True)
         return [_from_info(info) for info in infos]
+    # The top was resolved and confined; every backing file must be a plain
+    # name in the same directory, opened without following symlinks, so no
+    # per-link realpath is needed.
+    folder = os.path.dirname(top)
     chain: list[dict] = []
     seen: set[str] = set()
-    current = top
+    current, follow = top, True
     while True:
         if current in seen or len(chain) >= MAX_CHAIN_DEPTH:
             raise exception.PrivilegedArgumentRefused(
                 f"backing chain of {path!r} loops or is deeper than {MAX_CHAIN_DEPTH}"
             )
         seen.add(current)
-        if os.path.basename(current) in (raw or ()):
-            chain.append(
-                {
-                    "filename": current,
-                    "format": "raw",
-                    "virtual_size": os.stat(current).st_size,
-                    "backing_file": None,
-                    "backing_format": None,
-                    "data_file": None,
-                    "encrypted": False,
-                }
-            )
-            return chain
-        header = qcow2.read_header(current)
-        link = {
-            "filename": current,
-            "format": header.format,
-            "virtual_size": header.virtual_size,
-            "backing_file": header.backing_file,
-            "backing_format": header.backing_format,
-            "data_file": header.data_file,
-            "encrypted": header.encrypted,
-        }
-        chain.append(link)
+        try:
+            if os.path.basename(current) in (raw or ()):
+                st = os.stat(current) if follow else os.lstat(current)
+                if not stat.S_ISREG(st.st_mode):
+                    return chain
+                chain.append(
+                    {
+                        "filename": current,
+                        "format": "raw",
+                        "virtual_size": st.st_size,
+                        "backing_file": None,
+                        "backing_format": None,
+                        "data_file": None,
+                        "encrypted": False,
+                    }
+                )
+                return chain
+            header = qcow2.read_header(current, follow_symlinks=follow)
+        except OSError:
+            if not chain:
+                raise
+            return chain  # missing, or a symlink: the caller refuses the chain
+        chain.append(
+            {
+                "filename": current,
+                "format": header.format,
+                "virtual_size": header.virtual_size,
+                "backing_file": header.backing_file,
+                "backing_format": header.backing_format,
+                "data_file": header.data_file,
+                "encrypted": header.encrypted,
+            }
+        )
         name = header.backing_file
         if not name:
             return chain
         try:
-            current = _backing(current, name)
+            current = os.path.join(folder, confine.backing_name(name))
         except exception.PrivilegedArgumentRefused:
             return chain
-        current = os.path.join(os.path.dirname(chain[-1]["filename"]), current)
-        if not os.path.exists(current):
-            return chain
+        follow = False
 
 
 def _from_info(info: dict) -> dict:
@@ -251,3 +263,49 @@ def _offset(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise exception.PrivilegedArgumentRefused(f"offset must be >= 0, not {value!r}")
     return value
+
+
+@entrypoint(file_pctxt)
+def volume_state(directory: str, base: str, default_format: str) -> dict:
+    """Everything a chain operation reads first, in one round trip.
+
+    ``{"info": text of <base>.info or None, "deleting": bool, "files": {name:
+    size}, "chain": headers from the active image down (or None)}``. Nothing
+    here is trusted by the daemon: the active name is only used to start the
+    walk (if it is a plain file name); the caller validates the .info text and
+    every header exactly as if it had read them one by one.
+    """
+    from remotefs_aa.privsep import files
+
+    folder = confine.resolve_inside(directory, settings().allowed_paths, "directory")
+    name = confine.backing_name(base)
+    listing = files.list_directory.__wrapped__(folder)
+    text = None
+    if name + ".info" in listing:
+        try:
+            text = files.read_file.__wrapped__(os.path.join(folder, name + ".info"))
+        except FileNotFoundError:
+            text = None
+    active: str | None = name
+    fmt = default_format
+    if text is not None:
+        try:
+            data = json.loads(text)
+            fmt = data.get("format", default_format)
+            active = confine.backing_name(data.get("active"))
+        except (ValueError, AttributeError, exception.PrivilegedArgumentRefused):
+            active = None
+    chain = None
+    if active and active in listing:
+        try:
+            chain = image_chain.__wrapped__(
+                os.path.join(folder, active), [name] if fmt == "raw" else None
+            )
+        except (OSError, exception.RemoteFSAAError):
+            chain = None  # the caller reads it again and reports the problem
+    return {
+        "info": text,
+        "deleting": f".{name}.deleting" in listing,
+        "files": listing,
+        "chain": chain,
+    }

@@ -43,7 +43,7 @@ class FakeIO:
     def read_text(self, path):
         return self.texts.get(path)
 
-    def replace_text_if(self, path, data, expected):
+    def replace_text_if(self, path, data, expected, durable=True):
         self._step("replace_text_if")
         current = self.texts.get(path)
         if current != expected:
@@ -55,6 +55,15 @@ class FakeIO:
         self._step("unlink")
         return self.images.pop(path, None) is not None or self.texts.pop(path, None) is not None
 
+    def unlink_many(self, directory, names):
+        removed = []
+        for name in names:
+            self._step("unlink")
+            path = f"{directory}/{name}"
+            if self.images.pop(path, None) is not None or self.texts.pop(path, None) is not None:
+                removed.append(name)
+        return removed
+
     def rename(self, src, dst):
         self._step("rename")
         store = self.images if src in self.images else self.texts
@@ -63,6 +72,26 @@ class FakeIO:
     def list_directory(self, path):
         names = {os.path.basename(p): 1 for p in [*self.images, *self.texts]}
         return names
+
+    def volume_state(self, directory, base, default_format):
+        text = self.texts.get(f"{directory}/{base}.info")
+        files = self.list_directory(directory)
+        active, fmt = base, default_format
+        if text is not None:
+            try:
+                data = json.loads(text)
+                active, fmt = data.get("active"), data.get("format", default_format)
+            except (ValueError, AttributeError):
+                active = None
+        chain = None
+        if isinstance(active, str) and active in files:
+            chain = self.image_chain(f"{directory}/{active}", [base] if fmt == "raw" else None)
+        return {
+            "info": text,
+            "deleting": f".{base}.deleting" in files,
+            "files": files,
+            "chain": chain,
+        }
 
     def image_chain(self, path, raw=None):
         out = []
