@@ -100,6 +100,7 @@ class ImageIO(Protocol):
     def resize(self, path: str, fmt: str, size: int) -> None: ...
     def convert(self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool) -> None: ...
     def check(self, path: str, fmt: str) -> dict: ...
+    def qemu_info_chain(self, path: str, fmt: str) -> list[dict]: ...
     def statvfs(self, path: str) -> dict: ...
 
 
@@ -166,6 +167,11 @@ class PrivilegedIO:
 
     def check(self, path: str, fmt: str) -> dict:
         return self.qemu.qemu_img_check(path, fmt)
+
+    def qemu_info_chain(self, path: str, fmt: str) -> list[dict]:
+        from remotefs_aa.image import qemu
+
+        return [dataclasses.asdict(i) for i in qemu.info(path, fmt, backing_chain=True)]
 
     def statvfs(self, path: str) -> dict:
         return self.files.statvfs(path)
@@ -756,4 +762,13 @@ class Chain:
                     result = self.io.check(self.path(link.name), "qcow2")
                     if result.get("exit_code") or result.get("corruptions"):
                         problems.append(f"qemu-img check {link.name}: {result}")
+            # qemu-img is the authority: its view of the chain must match ours.
+            theirs = self.io.qemu_info_chain(self.path(links[0].name), links[0].format)
+            ours = [(link.name, link.virtual_size, link.backing) for link in links]
+            seen = [
+                (os.path.basename(i["filename"]), i["virtual_size"], i["backing_file"])
+                for i in theirs
+            ]
+            if seen != ours:
+                problems.append(f"qemu-img sees the chain as {seen}, the headers as {ours}")
         return report

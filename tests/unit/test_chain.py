@@ -148,6 +148,16 @@ class FakeIO:
     def check(self, path, fmt):
         return {"exit_code": 0}
 
+    def qemu_info_chain(self, path, fmt):
+        return [
+            {
+                "filename": link["filename"],
+                "virtual_size": link["virtual_size"],
+                "backing_file": link["backing_file"],
+            }
+            for link in self.image_chain(path, [os.path.basename(path)] if fmt == "raw" else None)
+        ]
+
     def statvfs(self, path):
         return {"total": 100 * GiB, "free": 50 * GiB, "available": 50 * GiB}
 

@@ -1,0 +1,59 @@
+"""The operator's commands, end to end in fresh processes: volume, snapshot, stats, demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests import run_cli
+from tests.functional import volumes as v
+
+pytestmark = pytest.mark.functional
+
+
+def _json(config, *args):
+    proc = run_cli("--config-file", config, *args, "--format", "json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_volume_and_snapshot_commands(tmp_path):
+    config = v.write_config(str(tmp_path))
+    vol = _json(config, "volume", "create", "--size", "1")
+    snap = _json(config, "snapshot", "create", vol["id"])
+    shown = _json(config, "volume", "show", vol["id"])
+    assert shown["snapshots"] and snap["id"] in shown["snapshots"]
+    assert shown["chain"] == [f"volume-{vol['id']}.{snap['id']}", f"volume-{vol['id']}"]
+    assert shown["problems"] == []
+    clone = _json(config, "volume", "create", "--size", "2", "--clone", vol["id"])
+    copy = _json(
+        config, "volume", "create", "--size", "1", "--from-snapshot", f"{vol['id']}:{snap['id']}"
+    )
+    listed = {item["id"]: item for item in _json(config, "volume", "list")}
+    assert set(listed) == {vol["id"], clone["id"], copy["id"]}
+    assert listed[clone["id"]]["size_gib"] == 2
+    _json(config, "snapshot", "revert", vol["id"], snap["id"])
+    _json(config, "volume", "extend", vol["id"], "3")
+    assert _json(config, "volume", "show", vol["id"])["size_gib"] == 3
+    _json(config, "snapshot", "delete", vol["id"], snap["id"])
+    stats = _json(config, "stats")
+    assert stats["provisioned_capacity_gb"] == pytest.approx(6, abs=0.01)
+    for volume in (vol, clone, copy):
+        _json(config, "volume", "delete", volume["id"])
+    assert _json(config, "volume", "list") == []
+
+
+def test_unknown_volume_is_a_clear_error(tmp_path):
+    config = v.write_config(str(tmp_path))
+    proc = run_cli("--config-file", config, "snapshot", "create", "no-such-volume")
+    assert proc.returncode == 1
+    assert "volume no-such-volume is on none of the shares" in proc.stderr
+
+
+def test_demo_runs_and_verifies(tmp_path):
+    config = v.write_config(str(tmp_path))
+    out = _json(config, "demo", "--workers", "2", "--volumes", "2", "--operations", "6")
+    assert out["operations_total"] == 12
+    assert out["errors"] == [] and out["problems"] == []
+    assert out["verified"]["volumes"] == 2
