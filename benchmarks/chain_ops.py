@@ -200,14 +200,14 @@ def measure_bare(op: str, bare: Bare) -> float:
         if op == "snapshot_delete_top":
 
             def delete_top() -> None:
-                _run("qemu-img", "commit", "-q", "-f", "qcow2", p(s2))
+                _run("qemu-img", "commit", "-q", "-d", "-f", "qcow2", p(s2))
                 os.unlink(p(s2))
 
             return _timed(delete_top)
         if op == "snapshot_delete_middle":
 
             def delete_middle() -> None:
-                _run("qemu-img", "commit", "-q", "-f", "qcow2", p(s1))
+                _run("qemu-img", "commit", "-q", "-d", "-f", "qcow2", p(s1))
                 _run(
                     "qemu-img", "rebase", "-q", "-f", "qcow2", "-u", "-b", base, "-F", "raw", p(s2)
                 )

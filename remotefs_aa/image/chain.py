@@ -32,8 +32,8 @@ delete_snapshot S, F = info[S], B = backing(F), H = the overlay on F (if any)
     1. intent {delete_snapshot, F, B, H}   2. qemu-img commit F (into B)
     3. if H: qemu-img rebase -u H onto B   4. unlink F
     5. write without S (active = B if F was active), no intent.
-    Recovery: finish. Committing again is harmless (F is emptied by the first
-    commit, and B already holds its data); rebase only if H still points at F.
+    Recovery: finish. Committing again is harmless (it copies F's data into
+    B again: B already holds it); rebase only if H still points at F.
 revert_to_snapshot S (only the latest, like Cinder), F = info[S] = active
     1. intent {revert, F, T}   2. qemu-img create T (backing = backing(F))
     3. rename T over F   4. write, no intent.

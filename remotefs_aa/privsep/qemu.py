@@ -79,8 +79,14 @@ def qemu_img_info(
 
 @entrypoint(file_pctxt)
 def qemu_img_commit(path: str, fmt: str = "qcow2") -> None:
-    """Merge the overlay at ``path`` into its backing file."""
-    argv = ["qemu-img", "commit", "-q", "-f", confine.image_format(fmt), _image(path)]
+    """Merge the overlay at ``path`` into its backing file.
+
+    ``-d``: the overlay is not emptied afterwards. It is deleted next anyway,
+    and emptying it aborts on GlusterFS FUSE mounts ("First cluster in emptied
+    image is in use"). Committing the same overlay twice (crash recovery)
+    copies the same data again, which is harmless.
+    """
+    argv = ["qemu-img", "commit", "-q", "-d", "-f", confine.image_format(fmt), _image(path)]
     runner.run(argv, timeout=settings().command_timeout)
 
 

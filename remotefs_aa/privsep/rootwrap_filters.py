@@ -60,7 +60,7 @@ def shapes(bases: Iterable[str]) -> dict[str, list[str]]:
         "qemu_img_create_overlay_size": [
             "qemu-img", "create", "-q", "-f", "qcow2", "-b", NAME, "-F", FMT, "-u", p, NUM,
         ],
-        "qemu_img_commit": ["qemu-img", "commit", "-q", "-f", FMT, p],
+        "qemu_img_commit": ["qemu-img", "commit", "-q", "-d", "-f", FMT, p],
         "qemu_img_rebase": ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", NAME, "-F", FMT, p],
         "qemu_img_rebase_unsafe": [
             "qemu-img", "rebase", "-q", "-f", "qcow2", "-u", "-b", NAME, "-F", FMT, p,
