@@ -227,6 +227,76 @@ local_driver_opts = [
     ),
 ]
 
+
+def _share_driver_opts(prefix: str, what: str, shares_file: str) -> list[cfg.Opt]:
+    return [
+        cfg.StrOpt(
+            f"{prefix}_shares_config",
+            default=f"/etc/remotefs_aa/{shares_file}",
+            help=f"File listing the {what} shares, one per line: 'host:/export "
+            "[-o option,option]'; '#' starts a comment.",
+        ),
+        cfg.StrOpt(
+            f"{prefix}_mount_point_base",
+            default="$state_path/mnt",
+            help="Directory under which shares are mounted, each at the md5 of the "
+            "share (os-brick's naming). Must lie inside [privileged] allowed_paths.",
+        ),
+        cfg.StrOpt(
+            f"{prefix}_mount_options",
+            help="Mount options for every share (comma separated); a share's own "
+            "'-o' options are added after these.",
+        ),
+        cfg.IntOpt(
+            f"{prefix}_mount_attempts",
+            default=3,
+            min=1,
+            help="Rounds of mount attempts (each trying every option variant) before "
+            "a share is reported unmountable.",
+        ),
+        cfg.BoolOpt(
+            f"{prefix}_sparsed_volumes",
+            default=True,
+            help="Create raw volumes as sparse files (False: fallocate, thick).",
+        ),
+        cfg.BoolOpt(
+            f"{prefix}_qcow2_volumes",
+            default=False,
+            help="Create volumes as qcow2 files instead of raw.",
+        ),
+    ]
+
+
+#: The NFS and GlusterFS drivers (Cinder's option names).
+nas_driver_opts = [
+    *_share_driver_opts("nfs", "NFS", "nfs_shares"),
+    cfg.BoolOpt(
+        "nfs_snapshot_support",
+        default=True,
+        help="Allow snapshots on NFS shares. (Cinder's default is False, for old "
+        "libvirt; snapshots are what remotefs_aa is for.)",
+    ),
+    *_share_driver_opts("glusterfs", "GlusterFS", "glusterfs_shares"),
+    cfg.StrOpt("nas_host", help="NFS server address, instead of nfs_shares_config."),
+    cfg.StrOpt("nas_share_path", help="Export path on nas_host, e.g. /srv/volumes."),
+    cfg.StrOpt("nas_mount_options", help="Mount options for the nas_host share."),
+    cfg.StrOpt(
+        "nas_secure_file_operations",
+        default="auto",
+        choices=["true", "false", "auto"],
+        help="true: volume file operations run as this service's user, not through "
+        "the root daemon. auto: true on a share that has no volume yet, false on one "
+        "that has (decided once, remembered in the share).",
+    ),
+    cfg.StrOpt(
+        "nas_secure_file_permissions",
+        default="auto",
+        choices=["true", "false", "auto"],
+        help="true: new volume files get mode 0660, false: 0666 (Cinder's). auto: "
+        "as for nas_secure_file_operations.",
+    ),
+]
+
 COORDINATION_GROUP = "coordination"
 PRIVILEGED_GROUP = "privileged"
 
@@ -236,6 +306,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(core_opts)
     conf.register_opts(driver_opts)
     conf.register_opts(local_driver_opts)
+    conf.register_opts(nas_driver_opts)
     conf.register_opts(coordination_opts, group=COORDINATION_GROUP)
     conf.register_opts(privileged_opts, group=PRIVILEGED_GROUP)
 
@@ -243,7 +314,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
     """Options by group, for oslo-config-generator (privsep sections included)."""
     return [
-        ("DEFAULT", [*core_opts, *driver_opts, *local_driver_opts]),
+        ("DEFAULT", [*core_opts, *driver_opts, *local_driver_opts, *nas_driver_opts]),
         (COORDINATION_GROUP, list(coordination_opts)),
         (PRIVILEGED_GROUP, list(privileged_opts)),
     ]

@@ -122,7 +122,22 @@ class RemoteFSDriver(VolumeDriver):
     def chain(self, volume: Any, share: str | None = None) -> Chain:
         """The snapshot chain of ``volume`` (on its share, or on ``share``)."""
         share = share or self._share_of(volume)
-        return Chain(self.io, self.share_path(share), volume.id, volume.size, self.volume_format)
+        return Chain(
+            self.io_for(share), self.share_path(share), volume.id, volume.size, self.volume_format
+        )
+
+    def io_for(self, share: str) -> ImageIO:
+        """How file operations on ``share`` run (the privileged daemon by default)."""
+        return self.io
+
+    def file_mode(self, share: str) -> int | None:
+        """Mode for new volume files on ``share``; None keeps what was created."""
+        return None
+
+    def _set_mode(self, share: str, path: str) -> None:
+        mode = self.file_mode(share)
+        if mode is not None:
+            self.io_for(share).chmod(path, mode)
 
     def local_path(self, volume: Any) -> str:
         """The volume's base file, as Cinder's ``local_path``."""
@@ -134,7 +149,9 @@ class RemoteFSDriver(VolumeDriver):
     def create_volume(self, volume: Any) -> ModelUpdate:
         share = self.find_share(volume.size)
         started = time.monotonic()
-        self.chain(volume, share).create_base(self.volume_format, "thick" if self.thick else "thin")
+        chain = self.chain(volume, share)
+        chain.create_base(self.volume_format, "thick" if self.thick else "thin")
+        self._set_mode(share, chain.path(chain.base))
         self._account(share, volume.id, volume.size * GiB)
         LOG.info(
             "volume %s: created on %s (%s%s, %d GiB) in %.0f ms",
@@ -184,9 +201,9 @@ class RemoteFSDriver(VolumeDriver):
     ) -> ModelUpdate:
         share = self.find_share(volume.size)
         started = time.monotonic()
-        self.chain(volume, share).create_from(
-            src, src_fmt, src_size, self.volume_format, not self.thick
-        )
+        chain = self.chain(volume, share)
+        chain.create_from(src, src_fmt, src_size, self.volume_format, not self.thick)
+        self._set_mode(share, chain.path(chain.base))
         self._account(share, volume.id, volume.size * GiB)
         LOG.info(
             "volume %s: created on %s as %s in %.0f ms",

@@ -102,6 +102,7 @@ class ImageIO(Protocol):
     def check(self, path: str, fmt: str) -> dict: ...
     def qemu_info_chain(self, path: str, fmt: str) -> list[dict]: ...
     def statvfs(self, path: str) -> dict: ...
+    def chmod(self, path: str, mode: int) -> None: ...
 
 
 class PrivilegedIO:
@@ -175,6 +176,38 @@ class PrivilegedIO:
 
     def statvfs(self, path: str) -> dict:
         return self.files.statvfs(path)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self.files.chmod(path, mode)
+
+
+class _Bodies:
+    """A privsep entrypoint module whose functions run here, as this process's user."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        func = getattr(self._module, name)
+        return getattr(func, "__wrapped__", func)
+
+
+class InProcessIO(PrivilegedIO):
+    """ImageIO without the root daemon: the same checked code, as the service's user.
+
+    For ``nas_secure_file_operations``: volume files on such a share belong to
+    the service, so nothing needs root. Paths are still confined to
+    ``[privileged] allowed_paths``.
+    """
+
+    def __init__(self, conf: Any) -> None:
+        super().__init__()
+        from remotefs_aa import privsep
+
+        if privsep._settings is None:
+            privsep._settings = privsep.Settings(conf)
+        self.files = _Bodies(self.files)
+        self.qemu = _Bodies(self.qemu)
 
 
 @dataclasses.dataclass

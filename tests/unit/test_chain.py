@@ -158,6 +158,9 @@ class FakeIO:
             for link in self.image_chain(path, [os.path.basename(path)] if fmt == "raw" else None)
         ]
 
+    def chmod(self, path, mode):
+        self._step("chmod")
+
     def statvfs(self, path):
         return {"total": 100 * GiB, "free": 50 * GiB, "available": 50 * GiB}
 

@@ -1,0 +1,64 @@
+"""The NFS driver (entry point ``nfs``; ``remotefs_aa.drivers.nfs.NfsDriver``).
+
+Shares come from ``nfs_shares_config`` (Cinder's format) or from ``nas_host`` +
+``nas_share_path``. Unless the mount options pin a version, each mount attempt
+tries NFS 4.2, then 4.1, then the client's default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from remotefs_aa import exception
+from remotefs_aa.drivers import shares as shares_mod
+from remotefs_aa.drivers.mounted import MountedShareDriver
+
+_VERSION_OPTION = re.compile(r"^(?:vers|nfsvers)=|^v[0-9]")
+
+
+class NfsDriver(MountedShareDriver):
+    """Volumes on NFS exports."""
+
+    driver_name = "nfs"
+    driver_volume_type = "nfs"
+    storage_protocol = "nfs"
+    kind = "nfs"
+    fstype = "nfs"
+    shares_config_opt = "nfs_shares_config"
+    mount_point_base_opt = "nfs_mount_point_base"
+    mount_options_opt = "nfs_mount_options"
+    mount_attempts_opt = "nfs_mount_attempts"
+    sparsed_volumes_opt = "nfs_sparsed_volumes"
+    qcow2_volumes_opt = "nfs_qcow2_volumes"
+
+    def _configured_shares(self) -> list[shares_mod.Share]:
+        if self.conf.nas_host:
+            if not self.conf.nas_share_path:
+                raise exception.InvalidConfig(
+                    "[DEFAULT] nas_share_path", None, "is required when nas_host is set"
+                )
+            where = "[DEFAULT] nas_host/nas_share_path"
+            share = shares_mod.parse_line(
+                f"{self.conf.nas_host}:{self.conf.nas_share_path}", "nfs", where
+            )
+            options = shares_mod.check_options(
+                self.conf.nas_mount_options, "[DEFAULT] nas_mount_options"
+            )
+            assert share is not None
+            return [shares_mod.Share(share.address, options)]
+        return super()._configured_shares()
+
+    def option_variants(self, share: str) -> list[list[str]]:
+        options = self.mount_options(share)
+        if any(_VERSION_OPTION.match(o) for o in options):
+            return [options]
+        return [[*options, "vers=4.2"], [*options, "vers=4.1"], options]
+
+    def create_snapshot(self, snapshot: Any) -> Any:
+        if not self.conf.nfs_snapshot_support:
+            raise exception.VolumeError(
+                f"snapshot {snapshot.id} of volume {snapshot.volume_id} refused: "
+                f"nfs_snapshot_support is false"
+            )
+        return super().create_snapshot(snapshot)
