@@ -228,7 +228,9 @@ local_driver_opts = [
 ]
 
 
-def _share_driver_opts(prefix: str, what: str, shares_file: str) -> list[cfg.Opt]:
+def _share_driver_opts(
+    prefix: str, what: str, shares_file: str, mount_options: str | None = None, why: str = ""
+) -> list[cfg.Opt]:
     return [
         cfg.StrOpt(
             f"{prefix}_shares_config",
@@ -244,8 +246,9 @@ def _share_driver_opts(prefix: str, what: str, shares_file: str) -> list[cfg.Opt
         ),
         cfg.StrOpt(
             f"{prefix}_mount_options",
+            default=mount_options,
             help="Mount options for every share (comma separated); a share's own "
-            "'-o' options are added after these.",
+            "'-o' options are added after these." + why,
         ),
         cfg.IntOpt(
             f"{prefix}_mount_attempts",
@@ -276,7 +279,15 @@ nas_driver_opts = [
         help="Allow snapshots on NFS shares. (Cinder's default is False, for old "
         "libvirt; snapshots are what remotefs_aa is for.)",
     ),
-    *_share_driver_opts("glusterfs", "GlusterFS", "glusterfs_shares"),
+    *_share_driver_opts(
+        "glusterfs",
+        "GlusterFS",
+        "glusterfs_shares",
+        "entry-timeout=0,attribute-timeout=0,negative-timeout=0,direct-io-mode=enable",
+        " The default turns off the FUSE client's name and attribute caches: "
+        "with several hosts on one volume, a cached entry would hide a file "
+        "another host just created (see doc/glusterfs.md).",
+    ),
     cfg.StrOpt("nas_host", help="NFS server address, instead of nfs_shares_config."),
     cfg.StrOpt("nas_share_path", help="Export path on nas_host, e.g. /srv/volumes."),
     cfg.StrOpt("nas_mount_options", help="Mount options for the nas_host share."),

@@ -160,7 +160,15 @@ class MountedShareDriver(RemoteFSDriver):
             with coordination.locked(name, purpose=f"unmount {share}"):
                 mount.umount(mountpoint)
 
+    def do_setup(self, context: Any = None) -> None:
+        self._check_mount_base()  # before anything is mounted
+        super().do_setup(context)
+
     def check_for_setup_error(self) -> None:
+        self._check_mount_base()
+        super().check_for_setup_error()
+
+    def _check_mount_base(self) -> None:
         base = os.path.realpath(self.mount_base)
         allowed = [os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p]
         if not any(base.startswith(a.rstrip("/") + "/") for a in allowed):
@@ -170,7 +178,6 @@ class MountedShareDriver(RemoteFSDriver):
                 "must lie inside [privileged] allowed_paths (the privileged daemon mounts "
                 "only there)",
             )
-        super().check_for_setup_error()
 
     # -- secure file operations ------------------------------------------------------
 

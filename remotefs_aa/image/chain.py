@@ -204,8 +204,8 @@ class InProcessIO(PrivilegedIO):
         super().__init__()
         from remotefs_aa import privsep
 
-        if privsep._settings is None:
-            privsep._settings = privsep.Settings(conf)
+        # The bodies read their limits (allowed_paths ...) from here.
+        privsep._settings = privsep.Settings(conf)
         self.files = _Bodies(self.files)
         self.qemu = _Bodies(self.qemu)
 

@@ -204,6 +204,8 @@ def _section_value(conf: cfg.ConfigOpts, section: str, key: str) -> object:
 
 def stop() -> None:
     """Stop the daemons this process started (they also die with it)."""
+    global _settings
+    _settings = None
     for ctx in CONTEXTS.values():
         if ctx.client_mode and ctx.channel is not None:
             ctx.stop()

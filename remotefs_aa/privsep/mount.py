@@ -45,6 +45,7 @@ def mount(fstype: str, share: str, mountpoint: str, options: list[str] | None = 
         share = confine.resolve(share, s.allowed_paths, "bind-mount source")
     if _mounted_at(target):
         return False
+    created = not os.path.isdir(target)
     if runner.via_commands():
         runner.run(["mkdir", "-p", "-m", "755", "--", target], timeout=s.command_timeout)
     else:
@@ -52,7 +53,16 @@ def mount(fstype: str, share: str, mountpoint: str, options: list[str] | None = 
     argv = ["mount", "-t", fstype]
     if checked:
         argv += ["-o", ",".join(checked)]
-    runner.run([*argv, "--", share, target], timeout=s.command_timeout)
+    try:
+        runner.run([*argv, "--", share, target], timeout=s.command_timeout)
+    except BaseException:
+        # Leave nothing behind: the mount point this call created goes too.
+        if created and not _mounted_at(target) and not runner.via_commands():
+            try:
+                os.rmdir(target)
+            except OSError:
+                pass
+        raise
     return True
 
 

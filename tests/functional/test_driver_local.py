@@ -7,14 +7,12 @@ snapshot and the active image must read back exactly what they should.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 import pytest
 
 from remotefs_aa import exception, service
-from remotefs_aa.image.chain import GiB
 from remotefs_aa.objects import Snapshot, Volume
 from tests.functional import volumes as v
 
@@ -25,8 +23,6 @@ FLAVOURS = {
     "raw-thick": {"local_sparsed_volumes": False},
     "qcow2": {"local_qcow2_volumes": True},
 }
-#: A region beyond the first GiB, readable only after extend.
-GROWN = (GiB + 4 * 1024 * 1024) // v.REGION
 
 
 @pytest.fixture(params=sorted(FLAVOURS))
@@ -45,147 +41,15 @@ def raw_driver(tmp_path):
     service.stop()
 
 
-def _new_volume(driver, size: int = 1) -> Volume:
-    vol = Volume(size=size)
-    vol.provider_location = driver.create_volume(vol)["provider_location"]
-    return vol
-
-
-def _write(driver, vol, region, pattern):
-    v.write_region(*v.active_image(driver, vol), region, pattern)
-
-
-def _active_is(driver, vol, region, pattern) -> bool:
-    return v.region_is(*v.active_image(driver, vol), region, pattern)
-
-
-def _snap_is(driver, snap, region, pattern) -> bool:
-    return v.region_is(*v.snapshot_image(driver, snap), region, pattern)
-
-
-def _assert_intact(driver, vol):
-    report = driver.verify_volume(vol)
-    assert report["problems"] == [], report
+_new_volume = v.new_volume
+_write = v.write
+_active_is = v.active_is
+_snap_is = v.snap_is
+_assert_intact = v.assert_intact
 
 
 def test_every_driver_method_keeps_chain_and_data(driver):
-    vol = _new_volume(driver)
-    path = driver.local_path(vol)
-    fmt = "qcow2" if driver.flavour == "qcow2" else "raw"
-    assert os.path.exists(path)
-    if driver.flavour == "raw-sparse":
-        assert os.stat(path).st_blocks == 0 and os.path.getsize(path) == GiB
-    if driver.flavour == "raw-thick":
-        assert os.stat(path).st_blocks * 512 >= GiB
-    conn = driver.initialize_connection(vol, {})
-    assert conn["driver_volume_type"] == "local"
-    assert conn["data"]["name"] == vol.name and conn["data"]["format"] == fmt
-
-    # Region 0 is overwritten before every snapshot; regions 1-3 are written once each.
-    _write(driver, vol, 0, 0x11)
-    _write(driver, vol, 1, 0x11)
-    s1 = Snapshot(vol)
-    driver.create_snapshot(s1)
-    _write(driver, vol, 0, 0x22)
-    _write(driver, vol, 2, 0x22)
-    s2 = Snapshot(vol)
-    driver.create_snapshot(s2)
-    _write(driver, vol, 0, 0x33)
-    _write(driver, vol, 3, 0x33)
-    s3 = Snapshot(vol)
-    driver.create_snapshot(s3)
-    _write(driver, vol, 0, 0x44)
-    _assert_intact(driver, vol)
-    info = json.loads(open(os.path.join(os.path.dirname(path), vol.name + ".info")).read())
-    assert info["active"] == f"{vol.name}.{s3.id}" and info[s1.id] == f"{vol.name}.{s1.id}"
-    assert info["generation"] >= 4 and "intent" not in info
-    # Relative backing names, so any host can open the chain.
-    chain_info = json.loads(
-        subprocess.run(
-            [
-                "qemu-img",
-                "info",
-                "-U",
-                "--output=json",
-                "--backing-chain",
-                v.active_image(driver, vol)[0],
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    assert all("/" not in link.get("backing-filename", "") for link in chain_info)
-
-    assert _snap_is(driver, s1, 0, 0x11) and _snap_is(driver, s1, 2, 0)
-    assert _snap_is(driver, s2, 0, 0x22) and _snap_is(driver, s2, 1, 0x11)
-    assert _snap_is(driver, s3, 0, 0x33) and _snap_is(driver, s3, 3, 0x33)
-    assert _active_is(driver, vol, 0, 0x44)
-
-    # Create from snapshot (bigger), and clone.
-    from_s1 = Volume(size=2)
-    from_s1.provider_location = driver.create_volume_from_snapshot(from_s1, s1)["provider_location"]
-    assert _active_is(driver, from_s1, 0, 0x11) and _active_is(driver, from_s1, 1, 0x11)
-    assert _active_is(driver, from_s1, 2, 0)
-    assert (
-        json.loads(
-            subprocess.run(
-                ["qemu-img", "info", "-U", "--output=json", driver.local_path(from_s1)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )["virtual-size"]
-        == 2 * GiB
-    )
-    clone = Volume(size=1)
-    clone.provider_location = driver.create_cloned_volume(clone, vol)["provider_location"]
-    for region, pattern in ((0, 0x44), (1, 0x11), (2, 0x22), (3, 0x33)):
-        assert _active_is(driver, clone, region, pattern)
-    _assert_intact(driver, from_s1)
-    _assert_intact(driver, clone)
-
-    # Delete a middle snapshot: the others keep their data.
-    driver.delete_snapshot(s2)
-    _assert_intact(driver, vol)
-    assert _snap_is(driver, s1, 0, 0x11)
-    assert _snap_is(driver, s3, 0, 0x33) and _snap_is(driver, s3, 2, 0x22)
-    assert _active_is(driver, vol, 0, 0x44)
-
-    # Revert to the latest snapshot.
-    driver.revert_to_snapshot(None, vol, s3)
-    _assert_intact(driver, vol)
-    assert _active_is(driver, vol, 0, 0x33) and _active_is(driver, vol, 3, 0x33)
-    with pytest.raises(exception.InvalidSnapshot, match="latest"):
-        driver.revert_to_snapshot(None, vol, s1)
-
-    # Extend: the active image grows, the data stays.
-    driver.extend_volume(vol, 2)
-    vol.size = 2
-    _assert_intact(driver, vol)
-    _write(driver, vol, GROWN, 0x55)
-    assert _active_is(driver, vol, GROWN, 0x55)
-    assert _active_is(driver, vol, 0, 0x33)
-
-    # Delete the active-top snapshot, then the first one: down to the base.
-    driver.delete_snapshot(s3)
-    _assert_intact(driver, vol)
-    assert _snap_is(driver, s1, 0, 0x11) and _active_is(driver, vol, 0, 0x33)
-    driver.delete_snapshot(s1)
-    _assert_intact(driver, vol)
-    assert v.active_image(driver, vol)[0] == path
-    for region, pattern in ((0, 0x33), (1, 0x11), (2, 0x22), (3, 0x33)):
-        assert _active_is(driver, vol, region, pattern)
-    driver.delete_snapshot(s1)  # already gone: succeeds, as in Cinder
-
-    stats = driver.get_volume_stats()
-    assert stats["provisioned_capacity_gb"] == pytest.approx(5, abs=0.01)
-    assert stats["pools"] and stats["total_capacity_gb"] > 0
-
-    for volume in (vol, from_s1, clone):
-        driver.delete_volume(volume)
-        assert v.volume_files(driver, volume) == []
-    assert driver.get_volume_stats()["provisioned_capacity_gb"] == 0
+    v.exercise_every_method(driver, driver.flavour, "local")
 
 
 def test_volume_with_snapshots_is_deleted_completely(raw_driver):

@@ -7,12 +7,19 @@ region read back proves which image in the chain its data came from.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
-from remotefs_aa import service
+import pytest
+
+from remotefs_aa import exception, service
+from remotefs_aa.image.chain import GiB
+from remotefs_aa.objects import Snapshot, Volume
 
 REGION = 64 * 1024
+#: A region beyond the first GiB, readable only after extend.
+GROWN = (GiB + 4 * 1024 * 1024) // REGION
 
 
 def write_config(directory: str, backend_url: str | None = None, **default: object) -> str:
@@ -79,3 +86,150 @@ def volume_files(driver, volume) -> list[str]:
     directory = driver.share_path(volume.provider_location)
     base = f"volume-{volume.id}"
     return sorted(n for n in os.listdir(directory) if base in n)
+
+
+def new_volume(driver, size: int = 1) -> Volume:
+    vol = Volume(size=size)
+    vol.provider_location = driver.create_volume(vol)["provider_location"]
+    return vol
+
+
+def write(driver, vol, region, pattern):
+    write_region(*active_image(driver, vol), region, pattern)
+
+
+def active_is(driver, vol, region, pattern) -> bool:
+    return region_is(*active_image(driver, vol), region, pattern)
+
+
+def snap_is(driver, snap, region, pattern) -> bool:
+    return region_is(*snapshot_image(driver, snap), region, pattern)
+
+
+def assert_intact(driver, vol):
+    report = driver.verify_volume(vol)
+    assert report["problems"] == [], report
+
+
+def exercise_every_method(driver, flavour: str, volume_type: str) -> None:
+    """Every driver method on one volume, data checked after each step (see module doc)."""
+    provisioned_before = driver.get_volume_stats()["provisioned_capacity_gb"]
+    vol = new_volume(driver)
+    path = driver.local_path(vol)
+    fmt = "qcow2" if flavour == "qcow2" else "raw"
+    assert os.path.exists(path)
+    if flavour == "raw-sparse":
+        # Sparse: 1 GiB long, (almost) nothing allocated (GlusterFS counts a few blocks).
+        assert os.stat(path).st_blocks * 512 < 1024 * 1024 and os.path.getsize(path) == GiB
+    if flavour == "raw-thick":
+        assert os.stat(path).st_blocks * 512 >= GiB
+    conn = driver.initialize_connection(vol, {})
+    assert conn["driver_volume_type"] == volume_type
+    assert conn["data"]["name"] == vol.name and conn["data"]["format"] == fmt
+
+    # Region 0 is overwritten before every snapshot; regions 1-3 are written once each.
+    write(driver, vol, 0, 0x11)
+    write(driver, vol, 1, 0x11)
+    s1 = Snapshot(vol)
+    driver.create_snapshot(s1)
+    write(driver, vol, 0, 0x22)
+    write(driver, vol, 2, 0x22)
+    s2 = Snapshot(vol)
+    driver.create_snapshot(s2)
+    write(driver, vol, 0, 0x33)
+    write(driver, vol, 3, 0x33)
+    s3 = Snapshot(vol)
+    driver.create_snapshot(s3)
+    write(driver, vol, 0, 0x44)
+    assert_intact(driver, vol)
+    info = json.loads(open(os.path.join(os.path.dirname(path), vol.name + ".info")).read())
+    assert info["active"] == f"{vol.name}.{s3.id}" and info[s1.id] == f"{vol.name}.{s1.id}"
+    assert info["generation"] >= 4 and "intent" not in info
+    # Relative backing names, so any host can open the chain.
+    chain_info = json.loads(
+        subprocess.run(
+            [
+                "qemu-img",
+                "info",
+                "-U",
+                "--output=json",
+                "--backing-chain",
+                active_image(driver, vol)[0],
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert all("/" not in link.get("backing-filename", "") for link in chain_info)
+
+    assert snap_is(driver, s1, 0, 0x11) and snap_is(driver, s1, 2, 0)
+    assert snap_is(driver, s2, 0, 0x22) and snap_is(driver, s2, 1, 0x11)
+    assert snap_is(driver, s3, 0, 0x33) and snap_is(driver, s3, 3, 0x33)
+    assert active_is(driver, vol, 0, 0x44)
+
+    # Create from snapshot (bigger), and clone.
+    from_s1 = Volume(size=2)
+    from_s1.provider_location = driver.create_volume_from_snapshot(from_s1, s1)["provider_location"]
+    assert active_is(driver, from_s1, 0, 0x11) and active_is(driver, from_s1, 1, 0x11)
+    assert active_is(driver, from_s1, 2, 0)
+    assert (
+        json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "-U", "--output=json", driver.local_path(from_s1)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )["virtual-size"]
+        == 2 * GiB
+    )
+    clone = Volume(size=1)
+    clone.provider_location = driver.create_cloned_volume(clone, vol)["provider_location"]
+    for region, pattern in ((0, 0x44), (1, 0x11), (2, 0x22), (3, 0x33)):
+        assert active_is(driver, clone, region, pattern)
+    assert_intact(driver, from_s1)
+    assert_intact(driver, clone)
+
+    # Delete a middle snapshot: the others keep their data.
+    driver.delete_snapshot(s2)
+    assert_intact(driver, vol)
+    assert snap_is(driver, s1, 0, 0x11)
+    assert snap_is(driver, s3, 0, 0x33) and snap_is(driver, s3, 2, 0x22)
+    assert active_is(driver, vol, 0, 0x44)
+
+    # Revert to the latest snapshot.
+    driver.revert_to_snapshot(None, vol, s3)
+    assert_intact(driver, vol)
+    assert active_is(driver, vol, 0, 0x33) and active_is(driver, vol, 3, 0x33)
+    with pytest.raises(exception.InvalidSnapshot, match="latest"):
+        driver.revert_to_snapshot(None, vol, s1)
+
+    # Extend: the active image grows, the data stays.
+    driver.extend_volume(vol, 2)
+    vol.size = 2
+    assert_intact(driver, vol)
+    write(driver, vol, GROWN, 0x55)
+    assert active_is(driver, vol, GROWN, 0x55)
+    assert active_is(driver, vol, 0, 0x33)
+
+    # Delete the active-top snapshot, then the first one: down to the base.
+    driver.delete_snapshot(s3)
+    assert_intact(driver, vol)
+    assert snap_is(driver, s1, 0, 0x11) and active_is(driver, vol, 0, 0x33)
+    driver.delete_snapshot(s1)
+    assert_intact(driver, vol)
+    assert active_image(driver, vol)[0] == path
+    for region, pattern in ((0, 0x33), (1, 0x11), (2, 0x22), (3, 0x33)):
+        assert active_is(driver, vol, region, pattern)
+    driver.delete_snapshot(s1)  # already gone: succeeds, as in Cinder
+
+    stats = driver.get_volume_stats()
+    assert stats["provisioned_capacity_gb"] - provisioned_before == pytest.approx(5, abs=0.01)
+    assert stats["pools"] and stats["total_capacity_gb"] > 0
+
+    for volume in (vol, from_s1, clone):
+        driver.delete_volume(volume)
+        assert volume_files(driver, volume) == []
+    after = driver.get_volume_stats()["provisioned_capacity_gb"]
+    assert after == pytest.approx(provisioned_before, abs=0.01)

@@ -1,0 +1,320 @@
+"""The GlusterFS and NFS drivers on a real GlusterFS volume, mounted through the real daemon.
+
+The GlusterFS volume (tests/functional/gluster.py) runs in a network namespace
+of its own; the drivers (and so their privileged daemons, which run mount)
+are started inside it. NFS has no kernel client on these machines, so the NFS
+driver's real mount path ends in a test-only ``mount.nfs`` stand-in
+(tests/functional/bin/mount.nfs), installed for this module and removed after,
+which bind-mounts a directory of the GlusterFS volume standing for the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from remotefs_aa import exception, service, workload
+from remotefs_aa.drivers.mounted import SECURE_INDICATOR, ShareMountFailed
+from tests import REPO
+from tests.functional import gluster, servers
+from tests.functional import volumes as v
+from tests.functional.conftest import worker_env
+
+pytestmark = pytest.mark.functional
+
+STANDIN = os.path.join(REPO, "tests", "functional", "bin", "mount.nfs")
+MOUNT_NFS = "/usr/sbin/mount.nfs"
+STANDIN_STATE = "/run/rfsaa-nfs-standin"
+
+
+@pytest.fixture(scope="module")
+def gl():
+    if not gluster.available():
+        pytest.fail("GlusterFS is not installed: run tools/bootstrap.sh --test")
+    work = tempfile.mkdtemp(prefix="rfsaa-gl-", dir="/var/tmp")
+    volume = gluster.GlusterVolume(work)
+    try:
+        volume.start()
+        volume.mount(os.path.join(work, "mnt"))
+        yield volume
+    finally:
+        volume.cleanup()
+
+
+class StandIn:
+    """The fake NFS server's exports, refusals and call log."""
+
+    def __init__(self, state: str, root: str) -> None:
+        self.state, self.root = state, root
+
+    def export(self, name: str) -> str:
+        directory = os.path.join(self.root, name)
+        os.makedirs(directory, exist_ok=True)
+        share = f"nfs-server:/exports/{name}"
+        with open(os.path.join(self.state, "exports"), "a") as f:
+            f.write(f"{share} {directory}\n")
+        return share
+
+    def refuse(self, *options: str) -> None:
+        with open(os.path.join(self.state, "refuse"), "w") as f:
+            f.write("".join(o + "\n" for o in options))
+
+    def calls(self, share: str) -> list[str]:
+        with open(os.path.join(self.state, "log")) as f:
+            lines = [line.split(" ", 2)[2].strip() for line in f if line.startswith(share + " ")]
+        # mount(8) adds "rw" to what it passes its helper.
+        return [",".join(o for o in line.split(",") if o != "rw") for line in lines]
+
+
+@pytest.fixture(scope="module")
+def nfs(gl):
+    if os.path.exists(MOUNT_NFS):
+        pytest.fail(f"{MOUNT_NFS} exists; this test installs its own stand-in there")
+    os.makedirs(STANDIN_STATE, exist_ok=True)
+    open(os.path.join(STANDIN_STATE, "exports"), "w").close()
+    open(os.path.join(STANDIN_STATE, "log"), "w").close()
+    shutil.copy(STANDIN, MOUNT_NFS)
+    try:
+        yield StandIn(STANDIN_STATE, os.path.join(gl.mounts[0], "exports"))
+    finally:
+        os.unlink(MOUNT_NFS)
+        shutil.rmtree(STANDIN_STATE, ignore_errors=True)
+
+
+def _config(tmp_path, kind: str, shares: list[str], **extra) -> str:
+    shares_file = tmp_path / f"{kind}_shares"
+    shares_file.write_text("# test shares\n" + "".join(s + "\n" for s in shares))
+    return v.write_config(
+        str(tmp_path), volume_driver=kind, **{f"{kind}_shares_config": shares_file}, **extra
+    )
+
+
+class Started:
+    """A driver started inside the volume's namespace; unmounted and stopped after."""
+
+    def __init__(self, gl, config: str, host: str | None = None) -> None:
+        self.gl, self.config, self.host = gl, config, host
+
+    def __enter__(self):
+        with gluster.entered(self.gl.netns_path):
+            self.driver = v.start_driver(self.config, self.host)
+        return self.driver
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.driver.unmount_shares()
+        finally:
+            service.stop()
+
+
+@pytest.mark.parametrize("flavour", ["raw-sparse", "qcow2"])
+def test_glusterfs_every_method(gl, tmp_path, flavour):
+    extra = {"glusterfs_qcow2_volumes": True} if flavour == "qcow2" else {}
+    with Started(gl, _config(tmp_path, "glusterfs", [gl.share], **extra)) as driver:
+        mountpoint = driver.share_path(gl.share)
+        assert mountpoint.startswith(str(tmp_path / "state" / "mnt"))
+        with open("/proc/mounts") as f:
+            assert any(line.split()[1] == mountpoint for line in f)
+        v.exercise_every_method(driver, flavour, "glusterfs")
+    with open("/proc/mounts") as f:
+        assert not any(line.split()[1] == mountpoint for line in f)
+
+
+def test_nfs_every_method_with_version_fallback(gl, nfs, tmp_path):
+    share = nfs.export("fallback")
+    nfs.refuse("vers=4.2")
+    try:
+        with Started(gl, _config(tmp_path, "nfs", [f"{share} -o noatime"])) as driver:
+            assert nfs.calls(share) == ["noatime,vers=4.2", "noatime,vers=4.1"]
+            v.exercise_every_method(driver, "raw-sparse", "nfs")
+            conn = driver.initialize_connection(v.new_volume(driver), {})
+            assert conn["data"]["options"] == "noatime"
+    finally:
+        nfs.refuse()
+
+
+def test_nfs_pinned_version_and_nas_host(gl, nfs, tmp_path):
+    share = nfs.export("pinned")
+    host, path = share.split(":", 1)
+    config = v.write_config(
+        str(tmp_path), volume_driver="remotefs_aa.drivers.nfs.NfsDriver", nas_host=host,
+        nas_share_path=path, nas_mount_options="vers=3",
+    )  # fmt: skip
+    with Started(gl, config) as driver:
+        assert type(driver).__name__ == "NfsDriver" and driver.shares == [share]
+        assert nfs.calls(share) == ["vers=3"]
+
+
+def test_connection_info_is_what_os_brick_connectors_expect(gl, nfs, tmp_path):
+    from os_brick.initiator.connectors import remotefs as brick
+
+    share = nfs.export("brick")
+    with Started(gl, _config(tmp_path, "nfs", [share])) as driver:
+        vol = v.new_volume(driver)
+        conn = driver.initialize_connection(vol, {"host": "compute-1"})
+        assert conn["driver_volume_type"] == "nfs"
+        assert set(conn["data"]) == {"export", "name", "options", "format"}
+        connector = brick.RemoteFsConnector(
+            "nfs", root_helper=None, nfs_mount_point_base=driver.mount_base
+        )
+        assert connector._get_volume_path(conn["data"]) == driver.local_path(vol)
+        driver.delete_volume(vol)
+
+
+def test_existing_mount_is_reused_by_two_drivers_on_one_host(gl, tmp_path):
+    config = _config(tmp_path, "glusterfs", [gl.share])
+    errors = []
+
+    def setup_one() -> None:
+        try:
+            with gluster.entered(gl.netns_path):
+                proc = subprocess.run(
+                    [sys.executable, "-m", "remotefs_aa.cmd.main", "--config-file", config,
+                     "stats", "--format", "json"],
+                    capture_output=True, text=True, env=worker_env(), timeout=120,
+                )  # fmt: skip
+            if proc.returncode != 0:
+                errors.append(proc.stderr)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=setup_one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with Started(gl, config) as driver:
+        mountpoint = driver.share_path(gl.share)
+        with open("/proc/mounts") as f:
+            assert [line.split()[1] for line in f].count(mountpoint) == 1
+
+
+def test_unmountable_share_is_a_clear_error_and_leaves_nothing(gl, nfs, tmp_path):
+    missing = "nfs-server:/exports/not-exported"
+    config = _config(tmp_path, "nfs", [missing], nfs_mount_attempts=2)
+    with gluster.entered(gl.netns_path):
+        with pytest.raises(ShareMountFailed, match="could not mount share nfs-server:/exports/"):
+            v.start_driver(config)
+    service.stop()
+    assert len(nfs.calls(missing)) == 6  # 2 rounds x (4.2, 4.1, default)
+    mnt = tmp_path / "state" / "mnt"
+    assert not mnt.exists() or os.listdir(mnt) == []
+
+
+def test_unreachable_gluster_server_is_a_clear_error(gl, tmp_path):
+    config = _config(tmp_path, "glusterfs", ["no-such-host.invalid:/rfsaa"],
+                     glusterfs_mount_attempts=1)  # fmt: skip
+    with gluster.entered(gl.netns_path):
+        with pytest.raises(ShareMountFailed, match="no-such-host.invalid:/rfsaa"):
+            v.start_driver(config)
+    service.stop()
+
+
+def test_malformed_shares_file_names_the_line(tmp_path):
+    config = _config(tmp_path, "nfs", ["server:/ok", "not a share line"])
+    with pytest.raises(exception.InvalidConfig, match="nfs_shares line 3"):
+        v.start_driver(config)
+    service.stop()
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_secure_file_permissions_auto(gl, nfs, tmp_path, fresh):
+    share = nfs.export(f"secure-{fresh}")
+    if not fresh:
+        open(os.path.join(nfs.root, f"secure-{fresh}", "volume-legacy"), "w").close()
+    with Started(gl, _config(tmp_path, "nfs", [share])) as driver:
+        indicator = os.path.join(driver.share_path(share), SECURE_INDICATOR)
+        assert open(indicator).read().strip() == ("true" if fresh else "false")
+        vol = v.new_volume(driver)
+        mode = stat.S_IMODE(os.stat(driver.local_path(vol)).st_mode)
+        assert mode == (0o660 if fresh else 0o666)
+        assert driver.secure(share) == (fresh, fresh)
+        v.assert_intact(driver, vol)
+        driver.delete_volume(vol)
+
+
+# -- Active-Active: two hosts, each with its own mount, one shared lock backend ---------
+
+
+@pytest.fixture(scope="module")
+def redis_in_netns(gl, tmp_path_factory):
+    server = servers.SERVERS["redis"](workdir=str(tmp_path_factory.mktemp("redis-aa")))
+    with gluster.entered(gl.netns_path):
+        server.start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
+
+
+def _two_hosts(gl, tmp_path, backend_url: str, provider: str | None, duration: float):
+    """Prepare 2 volumes, run one demo worker per host, verify from a third mount."""
+    configs = []
+    for host in ("host-a", "host-b", "checker"):
+        directory = tmp_path / host
+        directory.mkdir()
+        # Each "host" has its own state_path, so its own mount base and mount.
+        extra = {"host": host, "cluster": "aa-test"}
+        config = _config(directory, "glusterfs", [gl.share], **extra)
+        with open(config, "a") as f:
+            f.write(f"backend_url = {backend_url}\n")
+            if provider:
+                f.write(f"lock_provider = {provider}\n")
+        configs.append(config)
+    shared = tmp_path / "registry"
+    shared.mkdir()
+    with Started(gl, configs[2]) as checker:
+        registries = []
+        for reg in workload.prepare(checker, checker.conf, 2):
+            moved = shared / os.path.basename(reg)
+            shutil.move(reg, moved)
+            registries.append(str(moved))
+        derived = shared / "derived"
+        derived.mkdir()
+        procs = []
+        with gluster.entered(gl.netns_path):
+            for i, config in enumerate(configs[:2]):
+                argv = [sys.executable, "-m", "remotefs_aa.cmd.main", "--config-file", config,
+                        "demo-worker", "--derived", str(derived), "--seed", str(7 + i),
+                        "--duration", str(duration)]  # fmt: skip
+                for reg in registries:
+                    argv += ["--registry", reg]
+                procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True,
+                                              env=worker_env()))  # fmt: skip
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            lines = [x for x in out.splitlines() if x.startswith("result ")]
+            assert lines, f"worker exited {proc.returncode}: {err[-2000:]}"
+            results.append(json.loads(lines[-1][len("result ") :]))
+        report = workload.verify(checker, registries, str(derived))
+        workload.cleanup(checker, registries, str(derived))
+    return results, report
+
+
+def test_active_active_two_hosts_keep_every_chain(gl, redis_in_netns, tmp_path):
+    results, report = _two_hosts(gl, tmp_path, redis_in_netns, None, 10.0)
+    errors = [e for r in results for e in r["errors"]]
+    assert errors == [], "\n".join(errors[:5])
+    assert report["problems"] == [], "\n".join(report["problems"][:5])
+    ops = [r["operations"] for r in results]
+    print(f"two hosts: operations {ops}, checked {report['checked']}")
+    assert min(ops) > 0 and sum(ops) >= 8, ops
+
+
+def test_active_active_without_locks_is_caught(gl, redis_in_netns, tmp_path):
+    results, report = _two_hosts(
+        gl, tmp_path, redis_in_netns, "tests.functional.nolock.NoLockProvider", 10.0
+    )
+    errors = [e for r in results for e in r["errors"]]
+    assert errors or report["problems"], "no locks and nothing caught: the checks have no teeth"
