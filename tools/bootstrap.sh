@@ -14,11 +14,16 @@ packages=()
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || packages+=("$1"); }
 command -v python3 >/dev/null || need python3
 python3 -c 'import venv, ensurepip' 2>/dev/null || need python3-venv
+# The main job: qemu-img / qemu-io, and sudo to start the privileged daemon.
+need qemu-utils
+need sudo
 if (( want_test )); then
     # Real servers for the functional tests (started by the tests on 127.0.0.1),
-    # plus qemu-utils, sudo and Debian's venv for the privileged-helper tests.
+    # plus Debian's venv for the privileged-helper tests (an unprivileged user's venv).
+    # GlusterFS (server + FUSE client) and iproute2 for the shared-filesystem tests,
+    # which run glusterd in a network namespace of their own.
     for p in redis-server zookeeper etcd-server etcd-client memcached mariadb-server postgresql \
-        qemu-utils sudo python3-venv; do
+        python3-venv glusterfs-server glusterfs-client iproute2 util-linux; do
         need "$p"
     done
 fi

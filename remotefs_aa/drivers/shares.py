@@ -17,7 +17,7 @@ from remotefs_aa import exception
 
 # host:/path for NFS (host may be a bracketed IPv6 address); GlusterFS also
 # accepts host:volume. No whitespace, no leading '-'.
-_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)"
+_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*)"
 _ADDRESS = {
     "nfs": re.compile(rf"^{_HOST}:/[A-Za-z0-9_./+@%-]*$"),
     "glusterfs": re.compile(rf"^{_HOST}:/?[A-Za-z0-9_.+@%-][A-Za-z0-9_./+@%-]*$"),
