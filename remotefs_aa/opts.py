@@ -97,6 +97,17 @@ coordination_opts = [
         "lock_wait_warning_interval seconds).",
     ),
     cfg.FloatOpt(
+        "lock_handoff_interval",
+        default=0.06,
+        min=0.0,
+        help="A process that takes a lock again within this many seconds of "
+        "releasing it first waits out the rest of this interval, so that a "
+        "waiter (which polls at most every 0.05 s) gets its turn: without it one "
+        "busy host can starve another on backends without a fair queue (Redis, "
+        "etcd, memcached, SQL, file). Not applied on ZooKeeper, whose queue is "
+        "fair. 0 turns it off.",
+    ),
+    cfg.FloatOpt(
         "lock_wait_warning_interval",
         default=30.0,
         min=0.1,

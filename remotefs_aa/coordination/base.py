@@ -77,6 +77,7 @@ class LockSettings:
     acquire_timeout: float | None = None
     wait_warning_interval: float = 30.0
     slow_log_threshold: float = 1.0
+    handoff_interval: float = 0.0
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> LockSettings:
@@ -87,6 +88,7 @@ class LockSettings:
                 acquire_timeout=group.lock_acquire_timeout,
                 wait_warning_interval=group.lock_wait_warning_interval,
                 slow_log_threshold=group.slow_lock_log_threshold,
+                handoff_interval=group.lock_handoff_interval,
             )
         except (cfg.NoSuchOptError, cfg.NoSuchGroupError):
             return cls()
@@ -103,6 +105,9 @@ class LockProvider(abc.ABC):
 
     #: Name used in logs and by ``lock check``.
     provider_name = "abstract"
+    #: True when waiters are served first come, first served by the backend
+    #: (no hand-off pause is needed, see ``lock_handoff_interval``).
+    fair = False
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf

@@ -166,8 +166,11 @@ def locked(
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     held: list[Lock] = []
+    handoff = 0.0 if prov.fair else settings.handoff_interval
     try:
         for name in ordered:
+            if handoff:
+                _yield_after_release(name, handoff)
             lock = prov.get_lock(name)
             _acquire_one(lock, blocking, deadline, settings.wait_warning_interval)
             held.append(lock)
@@ -190,6 +193,10 @@ def locked(
     finally:
         held_for = time.monotonic() - acquired
         _release_all(held, what)
+        if handoff:
+            released = time.monotonic()
+            for name in ordered:
+                _RELEASED[name] = released
         LOG.log(
             logging.INFO if held_for >= slow else logging.DEBUG,
             "%s: released locks %s, held %.3f s",
@@ -197,6 +204,32 @@ def locked(
             ordered,
             held_for,
         )
+
+
+#: When this process last released each lock (for the hand-off pause).
+_RELEASED: dict[str, float] = {}
+
+
+def _yield_after_release(name: str, interval: float) -> None:
+    """Give waiters elsewhere their turn before taking ``name`` again.
+
+    Polling waiters (every backend but ZooKeeper) sleep up to 0.05 s between
+    tries, while the process that just released a lock asks again within
+    microseconds and wins every time: measured with two hosts on one volume,
+    one host then waited 9 s. Pausing for the rest of ``interval`` after our
+    own release lets a waiter in; an uncontended re-take costs the pause only
+    when it comes that soon.
+    """
+    released = _RELEASED.pop(name, None)
+    if released is None:
+        return
+    remaining = interval - (time.monotonic() - released)
+    if remaining > 0:
+        time.sleep(remaining)
+    if len(_RELEASED) > 4096:  # forget old names; only the last moments matter
+        cutoff = time.monotonic() - interval
+        for key in [k for k, t in _RELEASED.items() if t < cutoff]:
+            _RELEASED.pop(key, None)
 
 
 def _release_all(held: list[Lock], what: str) -> None:

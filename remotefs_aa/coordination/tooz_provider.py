@@ -244,6 +244,7 @@ class ToozLockProvider(base.LockProvider):
         self._scheme = parse.urlparse(self._url).scheme
         #: True when busy locks are waited for in the server's queue.
         self.server_side_wait = self._scheme in _SERVER_SIDE_WAIT_SCHEMES
+        self.fair = self.server_side_wait
         #: Work around tooz's file lock reference count (see ToozLock._attempt).
         self.fresh_lock_after_failure = self._scheme == "file"
         self._member_id = member_id or f"{conf.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -268,3 +268,33 @@ def test_missing_argument_is_a_clear_error_before_any_lock(provider):
     with pytest.raises(TypeError, match="volume"):
         op(None)
     assert provider.acquired() == []
+
+
+def test_retaking_a_lock_at_once_waits_out_the_handoff_interval(monkeypatch):
+    prov = MemoryProvider(make_conf(lock_handoff_interval=0.2))
+    prov.start()
+    slept: list[float] = []
+    monkeypatch.setattr(guard.time, "sleep", slept.append)
+    guard._RELEASED.clear()
+    with coordination.locked("vol-1", provider=prov):
+        pass
+    with coordination.locked("vol-2", provider=prov):  # another name: no pause
+        pass
+    assert slept == []
+    with coordination.locked("vol-1", provider=prov):  # the same name, right away
+        pass
+    assert len(slept) == 1 and 0.1 < slept[0] <= 0.2
+
+
+def test_fair_providers_and_zero_interval_never_pause(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(guard.time, "sleep", slept.append)
+    for prov in (MemoryProvider(make_conf(lock_handoff_interval=0.0)), MemoryProvider()):
+        if prov.settings.handoff_interval:
+            prov.fair = True
+        prov.start()
+        guard._RELEASED.clear()
+        for _ in range(3):
+            with coordination.locked("vol-1", provider=prov):
+                pass
+    assert slept == []
