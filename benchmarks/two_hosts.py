@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> int:
                         delete(driver, Snapshot(vol, id=rng.choice(snaps)))
                     t2 = time.monotonic()
                 records.append({"op": op, "wait_s": t1 - t0, "op_s": t2 - t1, "end": t2})
-            except Exception as exc:  # noqa: BLE001 - counted and reported
+            except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         service.stop()
@@ -128,12 +128,29 @@ def run(args: argparse.Namespace) -> dict:
                 vol.provider_location = driver.create_volume(vol)["provider_location"]
                 env = dict(os.environ, PYTHONPATH=REPO_ROOT)
                 for i, host in enumerate(("host-a", "host-b")):
-                    argv = [sys.executable, "-m", "benchmarks.two_hosts", "--worker",
-                            "--config", configs[host], "--volume", vol.id,
-                            "--share", volume.share, "--duration", str(args.duration),
-                            "--depth", str(args.depth), "--seed", str(i)]  # fmt: skip
-                    procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE,
-                                                  stdout=subprocess.PIPE, text=True, env=env))  # fmt: skip
+                    argv = [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.two_hosts",
+                        "--worker",
+                        "--config",
+                        configs[host],
+                        "--volume",
+                        vol.id,
+                        "--share",
+                        volume.share,
+                        "--duration",
+                        str(args.duration),
+                        "--depth",
+                        str(args.depth),
+                        "--seed",
+                        str(i),
+                    ]
+                    procs.append(
+                        subprocess.Popen(
+                            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+                        )
+                    )
                 for proc in procs:
                     assert proc.stdout.readline().strip() == "ready"
                 for proc in procs:
@@ -184,11 +201,17 @@ def summarize(results: list[dict], report: dict, args: argparse.Namespace) -> di
     wait_max = max(waits, default=0)
     goals = [
         ("operations/s >= 3x Cinder's ~2/s", rate, rate >= GOAL_RATE_FACTOR * CINDER_OPS_PER_S),
-        ("no host below 35% of the operations", min(shares.values(), default=0),
-         min(shares.values(), default=0) >= GOAL_MIN_SHARE),
-        ("worst lock wait <= 10x the median", (wait_max / wait_median) if wait_median else 0,
-         wait_median > 0 and wait_max <= GOAL_WAIT_RATIO * wait_median),
-    ]  # fmt: skip
+        (
+            "no host below 35% of the operations",
+            min(shares.values(), default=0),
+            min(shares.values(), default=0) >= GOAL_MIN_SHARE,
+        ),
+        (
+            "worst lock wait <= 10x the median",
+            (wait_max / wait_median) if wait_median else 0,
+            wait_median > 0 and wait_max <= GOAL_WAIT_RATIO * wait_median,
+        ),
+    ]
     return {
         "duration_s": args.duration,
         "operations": total,
@@ -213,24 +236,45 @@ def report_text(out: dict) -> str:
     lines.append("")
     rows = []
     for host, p in out["per_host"].items():
-        rows.append([
-            host, str(p["operations"]), f"{100 * out['share_per_host'][host]:.0f}%",
-            f"{p['creates']}/{p['deletes']}", f"{p['op_median_ms']:.0f}",
-            f"{p['wait_median_ms']:.0f}", f"{p['wait_max_ms']:.0f}", str(len(p["errors"])),
-        ])  # fmt: skip
-    lines.append(render_table(
-        ["host", "ops", "share", "create/delete", "op median ms", "wait median ms",
-         "wait max ms", "errors"], rows))  # fmt: skip
+        rows.append(
+            [
+                host,
+                str(p["operations"]),
+                f"{100 * out['share_per_host'][host]:.0f}%",
+                f"{p['creates']}/{p['deletes']}",
+                f"{p['op_median_ms']:.0f}",
+                f"{p['wait_median_ms']:.0f}",
+                f"{p['wait_max_ms']:.0f}",
+                str(len(p["errors"])),
+            ]
+        )
+    lines.append(
+        render_table(
+            [
+                "host",
+                "ops",
+                "share",
+                "create/delete",
+                "op median ms",
+                "wait median ms",
+                "wait max ms",
+                "errors",
+            ],
+            rows,
+        )
+    )
     lines += [
         "",
         f"lock wait, both hosts: median {out['wait_median_ms']:.0f} ms, p90 "
         f"{out['wait_p90_ms']:.0f} ms, worst {out['wait_max_ms']:.0f} ms",
-        "chain after the run: " + ("intact" if not out["chain_problems"] else
-                                   "; ".join(out["chain_problems"])),  # fmt: skip
+        "chain after the run: "
+        + ("intact" if not out["chain_problems"] else "; ".join(out["chain_problems"])),
         "",
     ]
-    rows = [[g["goal"], f"{g['measured']:.2f}", "goal met" if g["met"] else "goal missed"]
-            for g in out["goals"]]  # fmt: skip
+    rows = [
+        [g["goal"], f"{g['measured']:.2f}", "goal met" if g["met"] else "goal missed"]
+        for g in out["goals"]
+    ]
     lines.append(render_table(["goal", "measured", "verdict"], rows, right={1}))
     return "\n".join(lines)
 

@@ -100,12 +100,12 @@ coordination_opts = [
         "lock_handoff_interval",
         default=0.06,
         min=0.0,
-        help="A process that takes a lock again within this many seconds of "
-        "releasing it first waits out the rest of this interval, so that a "
-        "waiter (which polls at most every 0.05 s) gets its turn: without it one "
-        "busy host can starve another on backends without a fair queue (Redis, "
-        "etcd, memcached, SQL, file). Not applied on ZooKeeper, whose queue is "
-        "fair. 0 turns it off.",
+        help="Fairness on backends without a fair queue (Redis, etcd, memcached, "
+        "SQL, file): a waiter holds the companion lock '<name>-turn', and a "
+        "process re-taking a lock within this many seconds of releasing it pauses "
+        "this long when it finds a turn requested, so the waiter (polling at most "
+        "every 0.05 s) gets in. Without it one busy host starved another for 9 s "
+        "on one volume. Not used on ZooKeeper, whose queue is fair. 0 turns it off.",
     ),
     cfg.FloatOpt(
         "lock_wait_warning_interval",

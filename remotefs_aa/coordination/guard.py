@@ -116,8 +116,18 @@ class _WaitWatch:
 _WATCH = _WaitWatch()
 
 
-def _acquire_one(lock: Lock, blocking: bool, deadline: float | None, warn_every: float) -> None:
-    """Acquire ``lock`` or raise; never returns without holding it."""
+def _acquire_one(
+    lock: Lock,
+    blocking: bool,
+    deadline: float | None,
+    warn_every: float,
+    turn: Lock | None = None,
+) -> None:
+    """Acquire ``lock`` or raise; never returns without holding it.
+
+    ``turn``: while waiting, hold this companion lock (if free) to tell the
+    holder someone wants a turn (see :func:`_yield_if_wanted`).
+    """
     # Uncontended fast path: one non-blocking attempt, no wait bookkeeping.
     if lock.acquire(blocking=False):
         return
@@ -127,10 +137,13 @@ def _acquire_one(lock: Lock, blocking: bool, deadline: float | None, warn_every:
     got = False
     if remaining is None or remaining > 0:
         token = _WATCH.add(lock.name, warn_every)
+        announced = _try(turn)
         try:
             got = lock.acquire(blocking=True, timeout=remaining)
         finally:
             _WATCH.remove(token)
+            if announced and turn is not None:
+                _release_all([turn], "turn request")
     if not got:
         raise exception.LockTimeout(
             lock.name,
@@ -169,10 +182,11 @@ def locked(
     handoff = 0.0 if prov.fair else settings.handoff_interval
     try:
         for name in ordered:
-            if handoff:
-                _yield_after_release(name, handoff)
+            turn = prov.get_lock(name + TURN_SUFFIX) if handoff else None
+            if turn is not None:
+                _yield_if_wanted(name, turn, handoff)
             lock = prov.get_lock(name)
-            _acquire_one(lock, blocking, deadline, settings.wait_warning_interval)
+            _acquire_one(lock, blocking, deadline, settings.wait_warning_interval, turn)
             held.append(lock)
     except BaseException:
         _release_all(held, what)
@@ -194,9 +208,7 @@ def locked(
         held_for = time.monotonic() - acquired
         _release_all(held, what)
         if handoff:
-            released = time.monotonic()
-            for name in ordered:
-                _RELEASED[name] = released
+            _remember_release(ordered, handoff)
         LOG.log(
             logging.INFO if held_for >= slow else logging.DEBUG,
             "%s: released locks %s, held %.3f s",
@@ -208,27 +220,48 @@ def locked(
 
 #: When this process last released each lock (for the hand-off pause).
 _RELEASED: dict[str, float] = {}
+#: Suffix of the companion lock a waiter holds to ask for a turn.
+TURN_SUFFIX = "-turn"
 
 
-def _yield_after_release(name: str, interval: float) -> None:
-    """Give waiters elsewhere their turn before taking ``name`` again.
+def _try(lock: Lock | None) -> bool:
+    if lock is None:
+        return False
+    try:
+        return lock.acquire(blocking=False)
+    except exception.RemoteFSAAError:
+        return False
+
+
+def _yield_if_wanted(name: str, turn: Lock, interval: float) -> None:
+    """Give a waiter its turn before taking ``name`` again, if one asked.
 
     Polling waiters (every backend but ZooKeeper) sleep up to 0.05 s between
     tries, while the process that just released a lock asks again within
     microseconds and wins every time: measured with two hosts on one volume,
-    one host then waited 9 s. Pausing for the rest of ``interval`` after our
-    own release lets a waiter in; an uncontended re-take costs the pause only
-    when it comes that soon.
+    one host waited 9 s. A waiter therefore holds the companion lock
+    ``<name>-turn`` while it waits; a process re-taking ``name`` within
+    ``interval`` of its own release checks that lock (one non-blocking try)
+    and, if a waiter holds it, pauses for ``interval`` so the waiter's next
+    poll wins. Sequential work on one volume by one process pays only the
+    check, not the pause.
     """
     released = _RELEASED.pop(name, None)
-    if released is None:
+    if released is None or time.monotonic() - released >= interval:
         return
-    remaining = interval - (time.monotonic() - released)
-    if remaining > 0:
-        time.sleep(remaining)
+    if _try(turn):
+        _release_all([turn], "turn check")
+        return
+    LOG.debug("lock %s: another process asked for a turn; pausing %.3f s", name, interval)
+    time.sleep(interval)
+
+
+def _remember_release(names: list[str], interval: float) -> None:
+    now = time.monotonic()
+    for name in names:
+        _RELEASED[name] = now
     if len(_RELEASED) > 4096:  # forget old names; only the last moments matter
-        cutoff = time.monotonic() - interval
-        for key in [k for k, t in _RELEASED.items() if t < cutoff]:
+        for key in [k for k, t in _RELEASED.items() if t < now - interval]:
             _RELEASED.pop(key, None)
 
 

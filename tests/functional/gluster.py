@@ -98,10 +98,20 @@ class GlusterVolume:
     def _gluster(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         assert self.glusterd is not None
         return subprocess.run(
-            ["nsenter", "--target", str(self.glusterd.pid), "--net", "--mount",
-             "gluster", "--mode=script", *args],
-            capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+            [
+                "nsenter",
+                "--target",
+                str(self.glusterd.pid),
+                "--net",
+                "--mount",
+                "gluster",
+                "--mode=script",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self, timeout: float = 60) -> None:
         lib = os.path.join(self.workdir, "glusterd-lib")
@@ -120,10 +130,20 @@ class GlusterVolume:
         )
         log = open(os.path.join(self.workdir, "glusterd.log"), "w")
         self.glusterd = subprocess.Popen(
-            ["nsenter", f"--net={self.netns_path}", "unshare", "-m", "--propagation", "private",
-             "sh", "-c", script],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                "nsenter",
+                f"--net={self.netns_path}",
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while True:
@@ -144,14 +164,26 @@ class GlusterVolume:
             if proc.returncode != 0:
                 raise RuntimeError(f"gluster {' '.join(args)}: {proc.stdout} {proc.stderr}")
 
-    def mount(self, mountpoint: str) -> str:
+    def mount(self, mountpoint: str, options: str | None = None) -> str:
         """A FUSE mount of the volume at ``mountpoint`` (made from inside the namespace)."""
         os.makedirs(mountpoint, exist_ok=True)
+        extra = ["-o", options] if options else []
         subprocess.run(
-            ["nsenter", f"--net={self.netns_path}", "mount", "-t", "glusterfs", self.share,
-             mountpoint],
-            check=True, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                "nsenter",
+                f"--net={self.netns_path}",
+                "mount",
+                "-t",
+                "glusterfs",
+                *extra,
+                self.share,
+                mountpoint,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         self.mounts.append(mountpoint)
         return mountpoint
 

@@ -145,9 +145,12 @@ def test_nfs_pinned_version_and_nas_host(gl, nfs, tmp_path):
     share = nfs.export("pinned")
     host, path = share.split(":", 1)
     config = v.write_config(
-        str(tmp_path), volume_driver="remotefs_aa.drivers.nfs.NfsDriver", nas_host=host,
-        nas_share_path=path, nas_mount_options="vers=3",
-    )  # fmt: skip
+        str(tmp_path),
+        volume_driver="remotefs_aa.drivers.nfs.NfsDriver",
+        nas_host=host,
+        nas_share_path=path,
+        nas_mount_options="vers=3",
+    )
     with Started(gl, config) as driver:
         assert type(driver).__name__ == "NfsDriver" and driver.shares == [share]
         assert nfs.calls(share) == ["vers=3"]
@@ -177,10 +180,21 @@ def test_existing_mount_is_reused_by_two_drivers_on_one_host(gl, tmp_path):
         try:
             with gluster.entered(gl.netns_path):
                 proc = subprocess.run(
-                    [sys.executable, "-m", "remotefs_aa.cmd.main", "--config-file", config,
-                     "stats", "--format", "json"],
-                    capture_output=True, text=True, env=worker_env(), timeout=120,
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        "-m",
+                        "remotefs_aa.cmd.main",
+                        "--config-file",
+                        config,
+                        "stats",
+                        "--format",
+                        "json",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=worker_env(),
+                    timeout=120,
+                )
             if proc.returncode != 0:
                 errors.append(proc.stderr)
         except Exception as exc:
@@ -211,8 +225,9 @@ def test_unmountable_share_is_a_clear_error_and_leaves_nothing(gl, nfs, tmp_path
 
 
 def test_unreachable_gluster_server_is_a_clear_error(gl, tmp_path):
-    config = _config(tmp_path, "glusterfs", ["no-such-host.invalid:/rfsaa"],
-                     glusterfs_mount_attempts=1)  # fmt: skip
+    config = _config(
+        tmp_path, "glusterfs", ["no-such-host.invalid:/rfsaa"], glusterfs_mount_attempts=1
+    )
     with gluster.entered(gl.netns_path):
         with pytest.raises(ShareMountFailed, match="no-such-host.invalid:/rfsaa"):
             v.start_driver(config)
@@ -283,14 +298,31 @@ def _two_hosts(gl, tmp_path, backend_url: str, provider: str | None, duration: f
         procs = []
         with gluster.entered(gl.netns_path):
             for i, config in enumerate(configs[:2]):
-                argv = [sys.executable, "-m", "remotefs_aa.cmd.main", "--config-file", config,
-                        "demo-worker", "--derived", str(derived), "--seed", str(7 + i),
-                        "--duration", str(duration)]  # fmt: skip
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "remotefs_aa.cmd.main",
+                    "--config-file",
+                    config,
+                    "demo-worker",
+                    "--derived",
+                    str(derived),
+                    "--seed",
+                    str(7 + i),
+                    "--duration",
+                    str(duration),
+                ]
                 for reg in registries:
                     argv += ["--registry", reg]
-                procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True,
-                                              env=worker_env()))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        argv,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=worker_env(),
+                    )
+                )
         results = []
         for proc in procs:
             out, err = proc.communicate(timeout=600)

@@ -270,7 +270,7 @@ def test_missing_argument_is_a_clear_error_before_any_lock(provider):
     assert provider.acquired() == []
 
 
-def test_retaking_a_lock_at_once_waits_out_the_handoff_interval(monkeypatch):
+def test_retaking_a_lock_at_once_pauses_only_when_someone_asked_for_a_turn(monkeypatch):
     prov = MemoryProvider(make_conf(lock_handoff_interval=0.2))
     prov.start()
     slept: list[float] = []
@@ -281,9 +281,16 @@ def test_retaking_a_lock_at_once_waits_out_the_handoff_interval(monkeypatch):
     with coordination.locked("vol-2", provider=prov):  # another name: no pause
         pass
     assert slept == []
-    with coordination.locked("vol-1", provider=prov):  # the same name, right away
+    with coordination.locked("vol-1", provider=prov):  # the same name, nobody waiting
         pass
-    assert len(slept) == 1 and 0.1 < slept[0] <= 0.2
+    assert slept == []
+    # Another process waits, and says so by holding the turn lock.
+    turn = prov.get_lock("remotefs_aa-vol-1" + guard.TURN_SUFFIX)
+    assert turn.acquire(blocking=False)
+    with coordination.locked("vol-1", provider=prov):
+        pass
+    assert slept == [0.2]
+    turn.release()
 
 
 def test_fair_providers_and_zero_interval_never_pause(monkeypatch):
