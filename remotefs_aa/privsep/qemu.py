@@ -276,7 +276,8 @@ def volume_state(directory: str, base: str, default_format: str) -> dict:
     """Everything a chain operation reads first, in one round trip.
 
     ``{"info": text of <base>.info or None, "deleting": bool, "files": {name:
-    size}, "chain": headers from the active image down (or None)}``. Nothing
+    size} of this volume's files only, "chain": headers from the active image
+    down (or None)}``. Nothing
     here is trusted by the daemon: the active name is only used to start the
     walk (if it is a plain file name); the caller validates the .info text and
     every header exactly as if it had read them one by one.
@@ -285,7 +286,20 @@ def volume_state(directory: str, base: str, default_format: str) -> dict:
 
     folder = confine.resolve_inside(directory, settings().allowed_paths, "directory")
     name = confine.backing_name(base)
-    listing = files.list_directory.__wrapped__(folder)
+    if runner.via_commands():
+        listing = files.list_directory.__wrapped__(folder)
+    else:
+        # Only this volume's files are stat'ed: on a share with thousands of
+        # volumes (and a network filesystem) a stat per entry would dominate.
+        listing = {}
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith((name, f".{name}")):
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            listing[entry.name] = entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
     text = None
     if name + ".info" in listing:
         try:
