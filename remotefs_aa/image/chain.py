@@ -88,7 +88,9 @@ class ImageIO(Protocol):
     def unlink_many(self, directory: str, names: list[str]) -> list[str]: ...
     def rename(self, src: str, dst: str) -> None: ...
     def list_directory(self, path: str) -> dict[str, int]: ...
-    def volume_state(self, directory: str, base: str, default_format: str) -> dict: ...
+    def volume_state(
+        self, directory: str, base: str, default_format: str, walk: bool = True
+    ) -> dict: ...
     def image_chain(self, path: str, raw: list[str] | None = None) -> list[dict]: ...
     def create(
         self, path: str, fmt: str, size: int | None, backing: str | None, backing_fmt: str | None
@@ -137,8 +139,10 @@ class PrivilegedIO:
     def list_directory(self, path: str) -> dict[str, int]:
         return self.files.list_directory(path)
 
-    def volume_state(self, directory: str, base: str, default_format: str) -> dict:
-        return self.qemu.volume_state(directory, base, default_format)
+    def volume_state(
+        self, directory: str, base: str, default_format: str, walk: bool = True
+    ) -> dict:
+        return self.qemu.volume_state(directory, base, default_format, walk)
 
     def image_chain(self, path: str, raw: list[str] | None = None) -> list[dict]:
         return self.qemu.image_chain(path, raw)
@@ -313,11 +317,14 @@ class Chain:
 
     # -- reading -------------------------------------------------------------
 
-    def load(self) -> ChainState:
-        """Read the .info file (or imply one: only the base exists)."""
-        # One round trip for the .info text, the directory listing and the
-        # headers from the active image down; all checked here as usual.
-        seen = self.io.volume_state(self.directory, self.base, self.default_format)
+    def load(self, walk: bool = True) -> ChainState:
+        """Read the .info file (or imply one: only the base exists).
+
+        One round trip for the .info text, the listing of this volume's files
+        and (``walk``) the headers from the active image down; all checked
+        here as usual.
+        """
+        seen = self.io.volume_state(self.directory, self.base, self.default_format, walk)
         text = seen["info"]
         if text is None:
             state = ChainState(self.base, {}, 0, self.default_format)
@@ -732,7 +739,7 @@ class Chain:
 
     def delete_volume(self) -> None:
         """Remove every file of the volume, then the .info file; missing files are fine."""
-        state = self.load()  # InvalidInfoFile: never delete what we cannot read
+        state = self.load(walk=False)  # InvalidInfoFile: never delete what we cannot read
         if state.raw is not None:
             # The intent: once the .info file is renamed away, every reader
             # (and a fenced writer whose lock lapsed) sees a volume being deleted.
@@ -750,7 +757,11 @@ class Chain:
         for name in [*order, *mine, *hidden, self.base]:
             if name != self.base and name in files and name not in names:
                 names.append(name)
-        names += [self.base, os.path.basename(self.info_path), marker]
+        # Only what is there (each miss costs a lookup on a network filesystem);
+        # the .info file was renamed to the marker, which goes last.
+        if self.base in files:
+            names.append(self.base)
+        names.append(marker)
         self.io.unlink_many(self.directory, names)
 
     # -- verification (tests, demo, operators) -------------------------------

@@ -272,7 +272,7 @@ def _offset(value: object) -> int:
 
 
 @entrypoint(file_pctxt)
-def volume_state(directory: str, base: str, default_format: str) -> dict:
+def volume_state(directory: str, base: str, default_format: str, walk: bool = True) -> dict:
     """Everything a chain operation reads first, in one round trip.
 
     ``{"info": text of <base>.info or None, "deleting": bool, "files": {name:
@@ -316,7 +316,7 @@ def volume_state(directory: str, base: str, default_format: str) -> dict:
         except (ValueError, AttributeError, exception.PrivilegedArgumentRefused):
             active = None
     chain = None
-    if active and active in listing:
+    if walk and active and active in listing:
         try:
             chain = image_chain.__wrapped__(
                 os.path.join(folder, active), [name] if fmt == "raw" else None

@@ -73,7 +73,7 @@ class FakeIO:
         names = {os.path.basename(p): 1 for p in [*self.images, *self.texts]}
         return names
 
-    def volume_state(self, directory, base, default_format):
+    def volume_state(self, directory, base, default_format, walk=True):
         text = self.texts.get(f"{directory}/{base}.info")
         files = self.list_directory(directory)
         active, fmt = base, default_format
@@ -84,7 +84,7 @@ class FakeIO:
             except (ValueError, AttributeError):
                 active = None
         chain = None
-        if isinstance(active, str) and active in files:
+        if walk and isinstance(active, str) and active in files:
             chain = self.image_chain(f"{directory}/{active}", [base] if fmt == "raw" else None)
         return {
             "info": text,
