@@ -14,17 +14,13 @@ which proves they have teeth.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from remotefs_aa import service, workload
 from tests.functional import servers
 from tests.functional import volumes as v
-from tests.functional.conftest import worker_env
 
 pytestmark = pytest.mark.functional
 
@@ -53,42 +49,7 @@ def _run(tmp_path, backend_url=None, provider=None):
         registries = workload.prepare(driver, conf, 3)
         derived = os.path.join(workload.registry_dir(conf), "derived")
         os.makedirs(derived)
-        procs = []
-        for i in range(WORKERS):
-            argv = [
-                sys.executable,
-                "-m",
-                "remotefs_aa.cmd.main",
-                "--config-file",
-                config,
-                "demo-worker",
-                "--derived",
-                derived,
-                "--seed",
-                str(1000 + i),
-                "--duration",
-                str(DURATION),
-            ]
-            for reg in registries:
-                argv += ["--registry", reg]
-            procs.append(
-                subprocess.Popen(
-                    argv,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=worker_env(),
-                )
-            )
-        results = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
-            lines = [line for line in out.splitlines() if line.startswith("result ")]
-            assert lines, (
-                f"worker {proc.pid} exited {proc.returncode} without a result: "
-                f"{err[-2000:]} {out[-2000:]}"
-            )
-            results.append(json.loads(lines[-1][len("result ") :]))
+        results = v.run_demo_workers([config] * WORKERS, registries, derived, DURATION, 1000)
         report = workload.verify(driver, registries, derived)
         return results, report
     finally:

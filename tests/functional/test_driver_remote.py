@@ -10,7 +10,6 @@ which bind-mounts a directory of the GlusterFS volume standing for the export.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -295,40 +294,8 @@ def _two_hosts(gl, tmp_path, backend_url: str, provider: str | None, duration: f
             registries.append(str(moved))
         derived = shared / "derived"
         derived.mkdir()
-        procs = []
         with gluster.entered(gl.netns_path):
-            for i, config in enumerate(configs[:2]):
-                argv = [
-                    sys.executable,
-                    "-m",
-                    "remotefs_aa.cmd.main",
-                    "--config-file",
-                    config,
-                    "demo-worker",
-                    "--derived",
-                    str(derived),
-                    "--seed",
-                    str(7 + i),
-                    "--duration",
-                    str(duration),
-                ]
-                for reg in registries:
-                    argv += ["--registry", reg]
-                procs.append(
-                    subprocess.Popen(
-                        argv,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                        env=worker_env(),
-                    )
-                )
-        results = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            lines = [x for x in out.splitlines() if x.startswith("result ")]
-            assert lines, f"worker exited {proc.returncode}: {err[-2000:]}"
-            results.append(json.loads(lines[-1][len("result ") :]))
+            results = v.run_demo_workers(configs[:2], registries, str(derived), duration, 7)
         report = workload.verify(checker, registries, str(derived))
         workload.cleanup(checker, registries, str(derived))
     return results, report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -233,3 +234,48 @@ def exercise_every_method(driver, flavour: str, volume_type: str) -> None:
         assert volume_files(driver, volume) == []
     after = driver.get_volume_stats()["provisioned_capacity_gb"]
     assert after == pytest.approx(provisioned_before, abs=0.01)
+
+
+def run_demo_workers(
+    configs: list[str], registries: list[str], derived: str, duration: float, seed: int
+) -> list[dict]:
+    """One ``remotefs-aa demo-worker`` process per config, all at once; their results.
+
+    Processes start in the calling thread's network namespace (see
+    gluster.entered), so a caller inside one gets workers inside it.
+    """
+    from tests.functional.conftest import worker_env
+
+    procs = []
+    for i, config in enumerate(configs):
+        argv = [
+            sys.executable,
+            "-m",
+            "remotefs_aa.cmd.main",
+            "--config-file",
+            config,
+            "demo-worker",
+            "--derived",
+            str(derived),
+            "--seed",
+            str(seed + i),
+            "--duration",
+            str(duration),
+        ]
+        for reg in registries:
+            argv += ["--registry", reg]
+        procs.append(
+            subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env()
+            )
+        )
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=duration + 300)
+        lines = [line for line in out.splitlines() if line.startswith("result ")]
+        assert lines, (
+            f"worker {proc.pid} exited {proc.returncode} without a result: "
+            f"{err[-2000:]} {out[-2000:]}"
+        )
+        results.append(json.loads(lines[-1][len("result ") :]))
+    return results
