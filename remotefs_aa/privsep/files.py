@@ -223,12 +223,13 @@ def list_directory(path: str) -> dict[str, int]:
     """
     directory = _path(path, "directory")
     if runner.via_commands():
-        out = _cmd(["ls", "-lAn", "--time-style=+%s", "--", directory])[1]
+        out = _cmd(["ls", "-lAn", "--time-style=long-iso", "--", directory])[1]
         files: dict[str, int] = {}
         for line in out.splitlines():
-            parts = line.split(maxsplit=6)
-            if len(parts) == 7 and parts[0].startswith("-"):
-                files[parts[6]] = int(parts[4])
+            # mode links uid gid size date time name
+            parts = line.split(maxsplit=7)
+            if len(parts) == 8 and parts[0].startswith("-"):
+                files[parts[7]] = int(parts[4])
         return files
     result = {}
     with os.scandir(directory) as entries:

@@ -52,7 +52,7 @@ def shapes(bases: Iterable[str]) -> dict[str, list[str]]:
         "mv": ["mv", "-fT", "--", p, p],
         "sync": ["sync", "--", p],
         "head": ["head", "-c", NUM, "--", p],
-        "ls": ["ls", "-lAn", "--time-style=+%s", "--", p],
+        "ls": ["ls", "-lAn", "--time-style=long-iso", "--", p],
         "qemu_img_create": ["qemu-img", "create", "-q", "-f", FMT, p, NUM],
         "qemu_img_create_overlay": [
             "qemu-img", "create", "-q", "-f", "qcow2", "-b", NAME, "-F", FMT, p,

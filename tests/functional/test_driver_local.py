@@ -197,3 +197,30 @@ def test_driver_loads_by_name_and_dotted_path(tmp_path):
     assert drivers.load_driver_class("local").__name__ == "LocalDriver"
     cls = drivers.load_driver_class("remotefs_aa.drivers.local.LocalDriver")
     assert cls is drivers.load_driver_class("local")
+
+
+@pytest.mark.parametrize("mode", ["rootwrap_daemon", "sudo_rootwrap"])
+def test_every_driver_method_in_the_rootwrap_modes(tmp_path, mode):
+    """The same driver code with every privileged step a rootwrap-filtered command."""
+    from remotefs_aa.privsep import rootwrap_filters
+
+    state = tmp_path / "state"
+    conf_dir = tmp_path / "rootwrap"  # outside allowed_paths, as the service demands
+    (conf_dir / "rootwrap.d").mkdir(parents=True)
+    (conf_dir / "rootwrap.d" / "remotefs_aa.filters").write_text(
+        rootwrap_filters.generate([str(state)])
+    )
+    (conf_dir / "rootwrap.conf").write_text(
+        rootwrap_filters.rootwrap_conf(str(conf_dir / "rootwrap.d"))
+    )
+    config = tmp_path / "rfsaa.conf"
+    config.write_text(
+        f"[DEFAULT]\nstate_path = {state}\n[privileged]\nmode = {mode}\nroot_helper = sudo -n\n"
+        f"rootwrap_config = {conf_dir}/rootwrap.conf\n"
+        f"[coordination]\nbackend_url = file://{tmp_path}/coordination\n"
+    )
+    driver = v.start_driver(str(config))
+    try:
+        v.exercise_every_method(driver, "raw-sparse", "local")
+    finally:
+        service.stop()
