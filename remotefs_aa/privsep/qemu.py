@@ -276,8 +276,8 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool = Tr
     """Everything a chain operation reads first, in one round trip.
 
     ``{"info": text of <base>.info or None, "deleting": bool, "files": {name:
-    size} of this volume's files only, "chain": headers from the active image
-    down (or None)}``. Nothing
+    0} for this volume's files only (names; sizes are not read), "chain":
+    headers from the active image down (or None)}``. Nothing
     here is trusted by the daemon: the active name is only used to start the
     walk (if it is a plain file name); the caller validates the .info text and
     every header exactly as if it had read them one by one.
@@ -289,15 +289,16 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool = Tr
     if runner.via_commands():
         listing = files.list_directory.__wrapped__(folder)
     else:
-        # Only this volume's files are stat'ed: on a share with thousands of
-        # volumes (and a network filesystem) a stat per entry would dominate.
+        # Only this volume's files, and no stat: the type comes from readdir.
+        # On a network filesystem with its caches off, a stat per file is a
+        # round trip each; callers need the names, not the sizes (reported 0).
         listing = {}
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.name.startswith((name, f".{name}")):
                     try:
                         if entry.is_file(follow_symlinks=False):
-                            listing[entry.name] = entry.stat(follow_symlinks=False).st_size
+                            listing[entry.name] = 0
                     except FileNotFoundError:
                         continue
     text = None
