@@ -18,6 +18,8 @@ import os
 import re
 from collections.abc import Iterable
 
+from remotefs_aa.privsep import runner
+
 TIMEOUT = ["timeout", "--kill-after=5", "[0-9]+"]
 FMT = "(raw|qcow2)"
 NUM = "[0-9]+"
@@ -77,7 +79,7 @@ def shapes(bases: Iterable[str]) -> dict[str, list[str]]:
     out["qemu_io_read"] = [
         "qemu-io", "-r", "-U", "-f", FMT, "-c", "read -P [0-9]{1,3} [0-9]+ [0-9]+", p,
     ]  # fmt: skip
-    limits = ["prlimit", "--as=[0-9]+", "--cpu=[0-9]+", "--"]
+    limits = ["prlimit", "--as=[0-9]+", "--cpu=[0-9]+", "--", *runner.BOUNDED_MALLOC]
     out["qemu_img_check"] = [*limits, "qemu-img", "check", "--output=json", "-f", FMT, p]
     for fmt, chain, share in itertools.product((False, True), repeat=3):
         args = [*limits, "qemu-img", "info", "--output=json"]

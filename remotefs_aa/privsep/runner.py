@@ -15,6 +15,18 @@ from remotefs_aa import exception
 
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
+#: Put between ``prlimit`` and a memory-limited command. RLIMIT_AS counts
+#: reserved address space, and glibc reserves 64 MiB per malloc arena, one
+#: arena per thread up to 8 per CPU. qemu-img's I/O thread pool grows under
+#: load (a request that finds no idle worker starts a new one), so a loaded
+#: host saw ``qemu-img check`` of an ordinary chain abort at the 1 GiB limit
+#: ("failed to allocate memory for stack"), while the same check needs under
+#: 200 MiB on a quiet one. Two arenas keep the limit a limit on memory that is
+#: used, not on threads that happened to start. As an argument (not in the
+#: environment) so the rootwrap modes, whose sudo and daemon reset the
+#: environment, run exactly the same command.
+BOUNDED_MALLOC = ["env", "MALLOC_ARENA_MAX=2"]
+
 
 class Executor:
     """Starts a child process as root; subclasses choose how."""
@@ -121,7 +133,7 @@ def run(
         limits.append(f"--as={max_memory_mib * 1024 * 1024}")
     if max_cpu_seconds:
         limits.append(f"--cpu={max_cpu_seconds}")
-    full = ["prlimit", *limits, "--", *argv] if limits else list(argv)
+    full = ["prlimit", *limits, "--", *BOUNDED_MALLOC, *argv] if limits else list(argv)
     shown = shlex.join(argv)
     try:
         rc, out, err = _executor.execute(full, stdin, timeout)
