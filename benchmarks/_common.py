@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
 from importlib import metadata
+
+from remotefs_aa.cmd.tables import render_table
+
+__all__ = ["machine_header", "machine_meta", "percentile", "publish", "render_table"]
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -16,24 +21,6 @@ def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
     return ordered[rank - 1]
-
-
-def render_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
-    """Fixed-width text table; columns in ``right`` are right-aligned."""
-    right = right if right is not None else set(range(1, len(headers)))
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        out = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(out).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
 def machine_meta(dists: tuple[str, ...], loadavg_start: tuple[float, ...] | None = None) -> dict:
@@ -59,3 +46,12 @@ def machine_header(meta: dict, timed_s: float | None = None) -> list[str]:
         f"wall time {meta['wall_s']:.0f} s{timed}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
     ]
+
+
+def publish(text: str, out: dict, json_path: str | None) -> None:
+    """Print the report; with ``--json``, also write every figure there."""
+    print(text, flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        print(f"\nJSON written to {json_path}")

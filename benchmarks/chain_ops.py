@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -45,7 +44,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from benchmarks._common import machine_header, machine_meta, percentile, render_table  # noqa: E402
+from benchmarks._common import machine_header, machine_meta, percentile, publish, render_table  # noqa: E402
 from remotefs_aa import service  # noqa: E402
 from remotefs_aa.objects import Snapshot, Volume  # noqa: E402
 
@@ -436,11 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         ["qemu-img", "--version"], capture_output=True, text=True
     ).stdout.splitlines()[0]
     out["meta"] = meta
-    print(report(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"\nJSON written to {args.json}")
+    publish(report(out), out, args.json)
     return 0
 
 

@@ -52,7 +52,7 @@ from typing import Any
 
 # Run as a script (python benchmarks/image_header.py): make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import machine_header, machine_meta, percentile, render_table
+from benchmarks._common import machine_header, machine_meta, percentile, publish, render_table
 from remotefs_aa.image import qcow2
 
 #: Variants in report order; the first is the baseline of every ratio.
@@ -311,11 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print("qemu-img is not installed; nothing to compare with", file=sys.stderr)
         return 1
     out = run(args)
-    print(report(out), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
-        print(f"\nJSON written to {args.json}")
+    publish(report(out), out, args.json)
     return 0
 
 

@@ -28,7 +28,6 @@ import contextlib
 import gc
 import importlib
 import itertools
-import json
 import logging
 import math
 import multiprocessing
@@ -52,7 +51,7 @@ from remotefs_aa import coordination, exception, opts
 
 # Run as a script (python benchmarks/locks.py): make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import machine_header, machine_meta, percentile, render_table
+from benchmarks._common import machine_header, machine_meta, percentile, publish, render_table
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("local", "file", "redis", "zookeeper", "etcd", "memcached", "mysql", "postgresql")
@@ -739,11 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.t0 = time.monotonic()
     out = run(args)
-    print(report(out), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
-        print(f"\nJSON written to {args.json}")
+    publish(report(out), out, args.json)
     return 0
 
 

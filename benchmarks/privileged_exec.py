@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
 import math
 import os
@@ -64,7 +63,7 @@ from oslo_concurrency import processutils
 from oslo_config import cfg
 from oslo_privsep import priv_context
 
-from benchmarks._common import machine_header, machine_meta, percentile, render_table
+from benchmarks._common import machine_header, machine_meta, percentile, publish, render_table
 from remotefs_aa import opts, privsep
 from remotefs_aa.privsep import files, runner
 from remotefs_aa.privsep.lean import HELPER_NAME, LeanContext
@@ -686,9 +685,5 @@ def main(argv: list[str] | None = None) -> int:
     args.t0 = time.monotonic()
     args.loadavg_start = os.getloadavg()
     out = run(args)
-    print(report(out), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
-        print(f"\nJSON written to {args.json}")
+    publish(report(out), out, args.json)
     return 0

@@ -39,7 +39,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from benchmarks._common import machine_header, machine_meta, percentile, render_table  # noqa: E402
+from benchmarks._common import machine_header, machine_meta, percentile, publish, render_table  # noqa: E402
 
 CINDER_OPS_PER_S = 2.0
 GOAL_RATE_FACTOR = 3.0
@@ -301,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.monotonic() - started
     out["meta"] = meta
-    print(report_text(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    publish(report_text(out), out, args.json)
     return 0
 
 

@@ -122,32 +122,37 @@ class VolumeError(RemoteFSAAError):
     """A volume or snapshot operation failed; the chain was left consistent."""
 
 
-class InvalidImage(VolumeError):
+class _FileRefused(VolumeError):
+    """A file on the share was refused; ``template`` says what and what to do."""
+
+    template = "{path}: {reason}"
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(self.template.format(path=path, reason=reason))
+
+
+class InvalidImage(_FileRefused):
     """An image file is not one we may trust (format, size, backing file, data file).
 
     Nothing is deleted when this is raised: the file stays for an operator to
     inspect.
     """
 
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(
-            f"refusing image {path}: {reason}. Nothing was changed; inspect the file "
-            f"(qemu-img info -U {path}) before using or deleting it."
-        )
+    template = (
+        "refusing image {path}: {reason}. Nothing was changed; inspect the file "
+        "(qemu-img info -U {path}) before using or deleting it."
+    )
 
 
-class InvalidInfoFile(VolumeError):
+class InvalidInfoFile(_FileRefused):
     """A ``volume-<id>.info`` file is malformed or disagrees with the files on disk."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(
-            f"snapshot info file {path} is unusable: {reason}. No file was changed; "
-            f"repair or restore the .info file (see doc/chains.md) and retry."
-        )
+    template = (
+        "snapshot info file {path} is unusable: {reason}. No file was changed; "
+        "repair or restore the .info file (see doc/chains.md) and retry."
+    )
 
 
 class StaleInfoGeneration(VolumeError):

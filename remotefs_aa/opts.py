@@ -7,6 +7,7 @@ test fails when it is stale, so the sample never drifts from the code.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterable
 from urllib import parse
@@ -331,6 +332,20 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(nas_driver_opts)
     conf.register_opts(coordination_opts, group=COORDINATION_GROUP)
     conf.register_opts(privileged_opts, group=PRIVILEGED_GROUP)
+
+
+def config_file_args(conf: cfg.ConfigOpts) -> list[str]:
+    """``--config-file``/``--config-dir`` arguments (absolute) that reload ``conf``'s files.
+
+    For processes started on the service's behalf (the privileged helper, the
+    demo's workers), so they read exactly the configuration this one did.
+    """
+    args: list[str] = []
+    for path in conf.config_file or []:
+        args += ["--config-file", os.path.abspath(path)]
+    for path in conf.config_dir or []:
+        args += ["--config-dir", os.path.abspath(path)]
+    return args
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:

@@ -13,16 +13,29 @@ from collections.abc import Iterator
 
 from oslo_config import cfg
 
-from remotefs_aa import coordination, drivers, opts, privsep
+from remotefs_aa import __version__, coordination, drivers, opts, privsep
 from remotefs_aa.drivers.base import VolumeDriver
 
 
-def make_config(args: list[str], conf: cfg.ConfigOpts | None = None) -> cfg.ConfigOpts:
-    """A ConfigOpts with every option registered, parsed from ``args``, validated."""
+def make_config(
+    args: list[str],
+    conf: cfg.ConfigOpts | None = None,
+    default_config_files: list[str] | None = [],  # noqa: B006 - never mutated
+) -> cfg.ConfigOpts:
+    """A ConfigOpts with every option registered, parsed from ``args``, validated.
+
+    ``default_config_files=None`` lets oslo.config look in its usual places
+    (/etc/remotefs_aa/...), as the CLI does when given no --config-file.
+    """
     conf = conf if conf is not None else cfg.ConfigOpts()
     opts.register_opts(conf)
     privsep.register_opts(conf)
-    conf(args, project="remotefs_aa", default_config_files=[])
+    conf(
+        args,
+        project="remotefs_aa",
+        version=__version__,
+        default_config_files=default_config_files,
+    )
     opts.validate(conf)
     return conf
 

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
-from remotefs_aa import __version__, coordination, exception, opts, privsep
+from remotefs_aa import __version__, coordination, exception, service
 from remotefs_aa.cmd import volumes
+from remotefs_aa.cmd.tables import key_values
 
 LOG = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ def cmd_rootwrap_filters(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
 def load_config(args: argparse.Namespace, conf: cfg.ConfigOpts | None = None) -> cfg.ConfigOpts:
     """Register options, read the files named on the command line, validate."""
     conf = conf if conf is not None else cfg.ConfigOpts()
-    opts.register_opts(conf)
-    privsep.register_opts(conf)
     oslo_log.register_options(conf)
     cli: list[str] = []
     for path in args.config_file:
@@ -135,9 +134,7 @@ def load_config(args: argparse.Namespace, conf: cfg.ConfigOpts | None = None) ->
     if args.debug:
         cli.append("--debug")
     default_files = [] if args.config_file or args.config_dir else None
-    conf(cli, project="remotefs_aa", version=__version__, default_config_files=default_files)
-    opts.validate(conf)
-    return conf
+    return service.make_config(cli, conf, default_files)
 
 
 def _setup_logging(conf: cfg.ConfigOpts, args: argparse.Namespace) -> None:
@@ -251,9 +248,7 @@ def cmd_lock_check(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                 f"max {report['acquire_release_max_ms']:.3f} ms over {len(samples)} rounds",
             ),
         ]
-        width = max(len(k) for k, _ in rows)
-        for key, value in rows:
-            print(f"{key:<{width}}  {value}")
+        print(key_values(rows))
     return 0 if owner else EX_FAILURE
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 from oslo_config import cfg
 
-from remotefs_aa import exception, service, workload
+from remotefs_aa import exception, opts, service, workload
+from remotefs_aa.cmd.tables import key_values, table
 from remotefs_aa.objects import Snapshot, Volume
 
 
@@ -101,33 +102,11 @@ def add_parsers(commands: Any) -> None:
 # -- output ---------------------------------------------------------------------
 
 
-def table(rows: list[list[Any]], headers: list[str]) -> str:
-    """A plain aligned text table."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    # Numbers right-aligned (so digits line up), text left-aligned.
-    numeric = [
-        bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))
-    ]
-
-    def fmt(values: list[str]) -> str:
-        return "  ".join(
-            (v.rjust(w) if num else v.ljust(w))
-            for v, w, num in zip(values, widths, numeric, strict=True)
-        ).rstrip()
-
-    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
-    lines += [fmt(r) for r in cells]
-    return "\n".join(lines)
-
-
 def _emit(args: argparse.Namespace, result: dict, rows: list[tuple[str, Any]]) -> None:
     if args.format == "json":
         print(json.dumps(result, indent=2, sort_keys=True))
         return
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    print(key_values(rows))
 
 
 # -- single operations ------------------------------------------------------------
@@ -350,15 +329,6 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _config_args(args: argparse.Namespace) -> list[str]:
-    out = []
-    for path in args.config_file:
-        out += ["--config-file", os.path.abspath(path)]
-    for path in args.config_dir:
-        out += ["--config-dir", os.path.abspath(path)]
-    return out
-
-
 def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     """Prepare volumes, run the workers with a progress bar, verify, report, clean up."""
     if args.workers < 1 or args.volumes < 1 or args.operations < 1:
@@ -381,7 +351,7 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                     sys.executable,
                     "-m",
                     "remotefs_aa.cmd.main",
-                    *_config_args(args),
+                    *opts.config_file_args(conf),
                     "demo-worker",
                     "--derived",
                     derived,

@@ -14,13 +14,3 @@ class GlusterfsDriver(MountedShareDriver):
     """Volumes on GlusterFS volumes."""
 
     driver_name = "glusterfs"
-    driver_volume_type = "glusterfs"
-    storage_protocol = "glusterfs"
-    kind = "glusterfs"
-    fstype = "glusterfs"
-    shares_config_opt = "glusterfs_shares_config"
-    mount_point_base_opt = "glusterfs_mount_point_base"
-    mount_options_opt = "glusterfs_mount_options"
-    mount_attempts_opt = "glusterfs_mount_attempts"
-    sparsed_volumes_opt = "glusterfs_sparsed_volumes"
-    qcow2_volumes_opt = "glusterfs_qcow2_volumes"

@@ -19,10 +19,6 @@ class LocalDriver(RemoteFSDriver):
     """Volumes as files in the directories of ``local_shares``."""
 
     driver_name = "local"
-    driver_volume_type = "local"
-    storage_protocol = "local"
-    sparsed_volumes_opt = "local_sparsed_volumes"
-    qcow2_volumes_opt = "local_qcow2_volumes"
 
     def load_shares(self) -> list[str]:
         shares = []

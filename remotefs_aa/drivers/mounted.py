@@ -51,13 +51,8 @@ class ShareMountFailed(exception.VolumeError):
 class MountedShareDriver(RemoteFSDriver):
     """Shares from a Cinder-style shares file, mounted under a mount point base."""
 
-    #: 'nfs' or 'glusterfs': the shares-file syntax, os-brick's mount type.
-    kind = "nfs"
-    fstype = "nfs"
-    shares_config_opt = "nfs_shares_config"
-    mount_point_base_opt = "nfs_mount_point_base"
-    mount_options_opt = "nfs_mount_options"
-    mount_attempts_opt = "nfs_mount_attempts"
+    # driver_name ('nfs' or 'glusterfs') is also the shares-file syntax, the
+    # filesystem type given to mount and os-brick's mount type.
 
     def __init__(self, conf: Any, host: str | None = None, io: Any = None) -> None:
         super().__init__(conf, host, io)
@@ -74,18 +69,20 @@ class MountedShareDriver(RemoteFSDriver):
         return [s.address for s in found]
 
     def _configured_shares(self) -> list[shares_mod.Share]:
-        return shares_mod.parse_shares_file(self.conf[self.shares_config_opt], self.kind)
+        return shares_mod.parse_shares_file(self.option("shares_config"), self.driver_name)
 
     @property
     def mount_base(self) -> str:
-        return self.conf[self.mount_point_base_opt]
+        return self.option("mount_point_base")
 
     def _os_brick(self) -> Any:
         if self._client is None:
             from os_brick.remotefs import remotefs
 
             self._client = remotefs.RemoteFsClient(
-                self.kind, None, **{f"{self.kind}_mount_point_base": self.mount_base}
+                self.driver_name,
+                None,
+                **{f"{self.driver_name}_mount_point_base": self.mount_base},
             )
         return self._client
 
@@ -95,7 +92,7 @@ class MountedShareDriver(RemoteFSDriver):
     def mount_options(self, share: str) -> list[str]:
         """The service-wide options, then the share's own (later ones win in mount)."""
         common = shares_mod.check_options(
-            self.conf[self.mount_options_opt], f"[DEFAULT] {self.mount_options_opt}"
+            self.option("mount_options"), f"[DEFAULT] {self.driver_name}_mount_options"
         )
         info = self._share_info.get(share)
         return [*common, *(info.options if info else ())]
@@ -126,13 +123,13 @@ class MountedShareDriver(RemoteFSDriver):
         from remotefs_aa.privsep import mount
 
         errors: list[str] = []
-        attempts = max(1, int(self.conf[self.mount_attempts_opt]))
+        attempts = max(1, int(self.option("mount_attempts")))
         for attempt in range(1, attempts + 1):
             for options in self.option_variants(share):
                 shown = ",".join(options) or "(no options)"
                 try:
                     started = time.monotonic()
-                    mount.mount(self.fstype, share, mountpoint, options)
+                    mount.mount(self.driver_name, share, mountpoint, options)
                     LOG.info(
                         "share %s: mounted at %s with %s in %.0f ms (attempt %d)",
                         share,
@@ -173,7 +170,7 @@ class MountedShareDriver(RemoteFSDriver):
         allowed = [os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p]
         if not any(base.startswith(a.rstrip("/") + "/") for a in allowed):
             raise exception.InvalidConfig(
-                f"[DEFAULT] {self.mount_point_base_opt}",
+                f"[DEFAULT] {self.driver_name}_mount_point_base",
                 self.mount_base,
                 "must lie inside [privileged] allowed_paths (the privileged daemon mounts "
                 "only there)",

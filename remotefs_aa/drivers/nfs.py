@@ -21,16 +21,6 @@ class NfsDriver(MountedShareDriver):
     """Volumes on NFS exports."""
 
     driver_name = "nfs"
-    driver_volume_type = "nfs"
-    storage_protocol = "nfs"
-    kind = "nfs"
-    fstype = "nfs"
-    shares_config_opt = "nfs_shares_config"
-    mount_point_base_opt = "nfs_mount_point_base"
-    mount_options_opt = "nfs_mount_options"
-    mount_attempts_opt = "nfs_mount_attempts"
-    sparsed_volumes_opt = "nfs_sparsed_volumes"
-    qcow2_volumes_opt = "nfs_qcow2_volumes"
 
     def _configured_shares(self) -> list[shares_mod.Share]:
         if self.conf.nas_host:

@@ -40,12 +40,22 @@ _BASE_RE = re.compile(r"^volume-([A-Za-z0-9][A-Za-z0-9_-]*)$")
 class RemoteFSDriver(VolumeDriver):
     """Shared logic of every file-based driver; subclasses provide the shares."""
 
+    #: The entry-point name; also the connection type, the protocol in stats
+    #: and the prefix of the driver's options (``<name>_sparsed_volumes``, ...,
+    #: Cinder-style).
     driver_name = "remotefs"
-    driver_volume_type = "remotefs"
-    storage_protocol = "remotefs"
-    #: Option names (in [DEFAULT]) for sparse and qcow2 volumes, Cinder-style.
-    sparsed_volumes_opt = "local_sparsed_volumes"
-    qcow2_volumes_opt = "local_qcow2_volumes"
+
+    @property
+    def driver_volume_type(self) -> str:  # type: ignore[override]
+        return self.driver_name
+
+    @property
+    def storage_protocol(self) -> str:
+        return self.driver_name
+
+    def option(self, name: str) -> Any:
+        """The driver's own option ``<driver_name>_<name>`` (in [DEFAULT])."""
+        return self.conf[f"{self.driver_name}_{name}"]
 
     def __init__(
         self, conf: cfg.ConfigOpts, host: str | None = None, io: ImageIO | None = None
@@ -79,11 +89,11 @@ class RemoteFSDriver(VolumeDriver):
 
     @property
     def volume_format(self) -> str:
-        return "qcow2" if self.conf[self.qcow2_volumes_opt] else "raw"
+        return "qcow2" if self.option("qcow2_volumes") else "raw"
 
     @property
     def thick(self) -> bool:
-        return not self.conf[self.sparsed_volumes_opt] and self.volume_format == "raw"
+        return not self.option("sparsed_volumes") and self.volume_format == "raw"
 
     @property
     def shares(self) -> list[str]:

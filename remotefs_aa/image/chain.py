@@ -346,10 +346,6 @@ class Chain:
             return dict(self._seen[1])
         return self.io.list_directory(self.directory)
 
-    def exists(self) -> bool:
-        files = self.io.list_directory(self.directory)
-        return self.base in files or self.base + ".info" in files
-
     def trusted_chain(self, state: ChainState, top: str | None = None) -> list[Link]:
         """Headers of ``top`` (default: active) down to the base, each one checked.
 
@@ -435,34 +431,11 @@ class Chain:
         intent still pending). Intents are always durable: they must be on
         disk before the destructive step they announce.
         """
-        new, text = self._next(state, changes)
-        current = self.io.replace_text_if(self.info_path, text, state.raw, durable)
-        return self._published(state, new, text, current)
-
-    def save_after(
-        self,
-        state: ChainState,
-        work: Callable[[], None],
-        durable: bool = True,
-        **changes: Any,
-    ) -> ChainState:
-        """Run ``work`` (the qemu-img steps), then ``save``; nothing is saved if it fails.
-
-        (Writing the new .info file in parallel with ``work`` was measured and
-        gained nothing on two cores: the fsync competes with qemu-img.)
-        """
-        work()
-        return self.save(state, durable=durable, **changes)
-
-    def _next(self, state: ChainState, changes: dict) -> tuple[ChainState, str]:
         new = dataclasses.replace(state, **changes)
         new.snapshots = dict(new.snapshots)
         new.generation = state.generation + 1
-        return new, new.render()
-
-    def _published(
-        self, state: ChainState, new: ChainState, text: str, current: str | None
-    ) -> ChainState:
+        text = new.render()
+        current = self.io.replace_text_if(self.info_path, text, state.raw, durable)
         if current is not None:
             found: int | None = None
             try:
@@ -546,15 +519,11 @@ class Chain:
         """A new volume as a flat copy of ``src`` (a checked image of another chain)."""
         self._check_new()
         tmp = self.path(self.tmp_name)
-
-        def steps() -> None:
+        try:
             self.io.convert(src, src_fmt, tmp, fmt, sparse)
             if src_size < self.size_bytes:
                 self._grow(tmp, fmt, not sparse)
-            self.io.rename(tmp, self.path(self.base))
-
-        try:
-            return self.save_after(ChainState(self.base, {}, 0, fmt), steps)
+            return self._publish_tmp(fmt)
         except BaseException:
             self.io.unlink(tmp)
             raise
@@ -598,14 +567,9 @@ class Chain:
         # sweep (the next snapshot of the volume) or the volume's deletion removes.
         self._sweep_orphans(state)
         top = self.trusted_chain(state)[0]
+        self.io.create(self.path(new), "qcow2", self.size_bytes, top.name, top.format)
         snapshots = {**state.snapshots, snapshot_id: new}
-        return self.save_after(
-            state,
-            lambda: self.io.create(self.path(new), "qcow2", self.size_bytes, top.name, top.format),
-            durable=False,
-            active=new,
-            snapshots=snapshots,
-        )
+        return self.save(state, durable=False, active=new, snapshots=snapshots)
 
     def _sweep_orphans(self, state: ChainState) -> None:
         """Remove overlays of this volume that the .info file does not name."""
@@ -679,20 +643,15 @@ class Chain:
             present = target in self.io.list_directory(self.directory)
             if present and higher:
                 needed = self.io.image_chain(self.path(higher))[0].get("backing_file") == target
-
-        def steps() -> None:
-            if present:
-                if needed:
-                    self.io.commit(self.path(target))
-                    if higher:
-                        self.io.rebase_unsafe(self.path(higher), base, intent["base_format"])
-                self.io.unlink(self.path(target))
-
+        if present:
+            if needed:
+                self.io.commit(self.path(target))
+                if higher:
+                    self.io.rebase_unsafe(self.path(higher), base, intent["base_format"])
+            self.io.unlink(self.path(target))
         snapshots = {k: v for k, v in state.snapshots.items() if k != intent["snapshot"]}
         active = base if state.active == target else state.active
-        return self.save_after(
-            state, steps, durable=False, active=active, snapshots=snapshots, intent=None
-        )
+        return self.save(state, durable=False, active=active, snapshots=snapshots, intent=None)
 
     def revert(self, snapshot_id: str) -> ChainState:
         state = self.load_recovered()
@@ -718,12 +677,9 @@ class Chain:
         overlay = self._checked_name(intent["file"])
         tmp = self.path(f".{overlay}.revert")
         backing = self._checked_name(intent["backing"])
-
-        def steps() -> None:
-            self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"])
-            self.io.rename(tmp, self.path(overlay))
-
-        return self.save_after(state, steps, durable=False, intent=None)
+        self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"])
+        self.io.rename(tmp, self.path(overlay))
+        return self.save(state, durable=False, intent=None)
 
     def extend(self, new_size_gib: int, thick: bool = False) -> ChainState:
         state = self.load_recovered()

@@ -131,11 +131,7 @@ def _tool(name: str) -> str:
 def _helper_command(conf: cfg.ConfigOpts) -> str:
     """``[root_helper] <venv>/bin/remotefs-aa-privsep-helper --config-file ...``."""
     argv = [*shlex.split(conf.privileged.root_helper or ""), _tool(HELPER_NAME)]
-    for path in conf.config_file or []:
-        argv += ["--config-file", os.path.abspath(path)]
-    for path in conf.config_dir or []:
-        argv += ["--config-dir", os.path.abspath(path)]
-    return shlex.join(argv)
+    return shlex.join([*argv, *opts.config_file_args(conf)])
 
 
 def init(conf: cfg.ConfigOpts) -> None:

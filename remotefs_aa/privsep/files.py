@@ -231,12 +231,26 @@ def list_directory(path: str) -> dict[str, int]:
             if len(parts) == 8 and parts[0].startswith("-"):
                 files[parts[7]] = int(parts[4])
         return files
+    return scan(directory)
+
+
+def scan(
+    directory: str, prefixes: tuple[str, ...] | None = None, sizes: bool = True
+) -> dict[str, int]:
+    """Regular files in an already confined ``directory`` (no privilege check here).
+
+    ``prefixes`` keeps only names starting with one of them; ``sizes=False``
+    reports 0 instead of a stat per file (the type comes from readdir), which
+    matters on a network filesystem whose caches are off.
+    """
     result = {}
     with os.scandir(directory) as entries:
         for entry in entries:
+            if prefixes is not None and not entry.name.startswith(prefixes):
+                continue
             try:
                 if entry.is_file(follow_symlinks=False):
-                    result[entry.name] = entry.stat(follow_symlinks=False).st_size
+                    result[entry.name] = entry.stat(follow_symlinks=False).st_size if sizes else 0
             except FileNotFoundError:
                 continue  # removed (by another volume's operation) while we listed
     return result

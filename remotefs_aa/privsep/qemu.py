@@ -8,6 +8,7 @@ crafted, so they run under address-space and CPU-time limits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -160,8 +161,10 @@ def image_chain(path: str, raw: list[str] | None = None) -> list[dict]:
 
     top = _image(path)
     if runner.via_commands():
+        from remotefs_aa.image.qemu import ImageInfo
+
         infos = qemu_img_info.__wrapped__(path, backing_chain=True, force_share=True)
-        return [_from_info(info) for info in infos]
+        return [dataclasses.asdict(ImageInfo.from_json(info)) for info in infos]
     # The top was resolved and confined; every backing file must be a plain
     # name in the same directory, opened without following symlinks, so no
     # per-link realpath is needed.
@@ -216,19 +219,6 @@ def image_chain(path: str, raw: list[str] | None = None) -> list[dict]:
         except exception.PrivilegedArgumentRefused:
             return chain
         follow = False
-
-
-def _from_info(info: dict) -> dict:
-    data = (info.get("format-specific") or {}).get("data") or {}
-    return {
-        "filename": info.get("filename"),
-        "format": info.get("format"),
-        "virtual_size": info.get("virtual-size"),
-        "backing_file": info.get("backing-filename"),
-        "backing_format": info.get("backing-filename-format"),
-        "data_file": data.get("data-file"),
-        "encrypted": bool(info.get("encrypted")),
-    }
 
 
 @entrypoint(file_pctxt)
@@ -289,18 +279,8 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool = Tr
     if runner.via_commands():
         listing = files.list_directory.__wrapped__(folder)
     else:
-        # Only this volume's files, and no stat: the type comes from readdir.
-        # On a network filesystem with its caches off, a stat per file is a
-        # round trip each; callers need the names, not the sizes (reported 0).
-        listing = {}
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith((name, f".{name}")):
-                    try:
-                        if entry.is_file(follow_symlinks=False):
-                            listing[entry.name] = 0
-                    except FileNotFoundError:
-                        continue
+        # Only this volume's files, names only: callers need no sizes.
+        listing = files.scan(folder, (name, f".{name}"), sizes=False)
     text = None
     if name + ".info" in listing:
         try:

@@ -41,19 +41,12 @@ def raw_driver(tmp_path):
     service.stop()
 
 
-_new_volume = v.new_volume
-_write = v.write
-_active_is = v.active_is
-_snap_is = v.snap_is
-_assert_intact = v.assert_intact
-
-
 def test_every_driver_method_keeps_chain_and_data(driver):
     v.exercise_every_method(driver, driver.flavour, "local")
 
 
 def test_volume_with_snapshots_is_deleted_completely(raw_driver):
-    vol = _new_volume(raw_driver)
+    vol = v.new_volume(raw_driver)
     snaps = [Snapshot(vol) for _ in range(3)]
     for snap in snaps:
         raw_driver.create_snapshot(snap)
@@ -64,7 +57,7 @@ def test_volume_with_snapshots_is_deleted_completely(raw_driver):
 
 
 def test_malformed_info_is_a_clear_error_and_deletes_nothing(raw_driver):
-    vol = _new_volume(raw_driver)
+    vol = v.new_volume(raw_driver)
     raw_driver.create_snapshot(Snapshot(vol))
     before = v.volume_files(raw_driver, vol)
     info = raw_driver.chain(vol).info_path
@@ -79,7 +72,7 @@ def test_malformed_info_is_a_clear_error_and_deletes_nothing(raw_driver):
 
 
 def test_missing_overlay_is_a_clear_error_and_deletes_nothing(raw_driver):
-    vol = _new_volume(raw_driver)
+    vol = v.new_volume(raw_driver)
     s1, s2 = Snapshot(vol), Snapshot(vol)
     raw_driver.create_snapshot(s1)
     raw_driver.create_snapshot(s2)
@@ -97,8 +90,8 @@ def test_missing_overlay_is_a_clear_error_and_deletes_nothing(raw_driver):
     ["/etc/shadow", "../../../etc/shadow", "volume-00000000-other", "OTHER_VOLUME_BASE"],
 )
 def test_hostile_backing_file_is_refused(raw_driver, backing):
-    vol = _new_volume(raw_driver)
-    other = _new_volume(raw_driver)
+    vol = v.new_volume(raw_driver)
+    other = v.new_volume(raw_driver)
     snap = Snapshot(vol)
     raw_driver.create_snapshot(snap)
     top, _ = v.active_image(raw_driver, vol)
@@ -120,7 +113,7 @@ def test_hostile_backing_file_is_refused(raw_driver, backing):
 
 
 def test_external_data_file_and_oversized_image_are_refused(raw_driver, tmp_path):
-    vol = _new_volume(raw_driver)
+    vol = v.new_volume(raw_driver)
     snap = Snapshot(vol)
     raw_driver.create_snapshot(snap)
     top, _ = v.active_image(raw_driver, vol)
@@ -152,7 +145,7 @@ def test_external_data_file_and_oversized_image_are_refused(raw_driver, tmp_path
 
 def test_raw_volume_with_a_fake_qcow2_header_is_never_probed(raw_driver):
     """A guest writes a qcow2 header pointing at /etc/shadow into its raw volume."""
-    vol = _new_volume(raw_driver)
+    vol = v.new_volume(raw_driver)
     fake = "/tmp/rfsaa-fake-qcow2"
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", fake, "1G"],
@@ -175,7 +168,7 @@ def test_raw_volume_with_a_fake_qcow2_header_is_never_probed(raw_driver):
 
 
 def test_stale_generation_is_refused(raw_driver):
-    vol = _new_volume(raw_driver)
+    vol = v.new_volume(raw_driver)
     first, second = raw_driver.chain(vol), raw_driver.chain(vol)
     state_a, state_b = first.load(), second.load()
     first.save(state_a)
@@ -184,11 +177,11 @@ def test_stale_generation_is_refused(raw_driver):
 
 
 def test_volume_already_there_is_not_overwritten(raw_driver):
-    vol = _new_volume(raw_driver)
-    _write(raw_driver, vol, 0, 0x66)
+    vol = v.new_volume(raw_driver)
+    v.write(raw_driver, vol, 0, 0x66)
     with pytest.raises(exception.VolumeExists):
         raw_driver.create_volume(vol)
-    assert _active_is(raw_driver, vol, 0, 0x66)
+    assert v.active_is(raw_driver, vol, 0, 0x66)
 
 
 def test_driver_loads_by_name_and_dotted_path(tmp_path):

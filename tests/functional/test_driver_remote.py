@@ -252,6 +252,8 @@ def test_secure_file_permissions_auto(gl, nfs, tmp_path, fresh):
         mode = stat.S_IMODE(os.stat(driver.local_path(vol)).st_mode)
         assert mode == (0o660 if fresh else 0o666)
         assert driver.secure(share) == (fresh, fresh)
+        # Secure operations run in this process, not through the root daemon.
+        assert (driver.io_for(share) is not driver.io) == fresh
         v.assert_intact(driver, vol)
         driver.delete_volume(vol)
 
