@@ -27,7 +27,8 @@ create_snapshot S
     1. qemu-img create N (backing = active; its size given, so -u: the chain
        was just checked)   2. write {active: N, S: N}.
     No intent: until step 2, N is a file nothing refers to. Recovery: the next
-    snapshot of the volume removes such orphans (so does its deletion).
+    snapshot create, delete or revert on the volume removes such orphans (so
+    does its deletion).
 delete_snapshot S, F = info[S], B = backing(F), H = the overlay on F (if any)
     1. intent {delete_snapshot, F, B, H}   2. qemu-img commit F (into B)
     3. if H: qemu-img rebase -u H onto B   4. unlink F
@@ -49,7 +50,9 @@ create_volume / clone / create from snapshot
     then the .info file is created. A crash leaves only the temp file, which
     the next create or delete of that id removes.
 extend
-    One ``qemu-img resize`` (or truncate / fallocate) of the active image.
+    One ``qemu-img resize`` (or truncate / fallocate) of the active image;
+    the backing chain stays closed when the checked headers show the backing
+    file is no longer than the top (nothing can show through the new area).
 
 Before any image is used, its headers are checked (``trusted_chain``): raw or
 qcow2 only, no external data file, no encryption, virtual size at most the
@@ -99,7 +102,7 @@ class ImageIO(Protocol):
     def fallocate(self, path: str, size: int) -> None: ...
     def commit(self, path: str) -> None: ...
     def rebase_unsafe(self, path: str, backing: str, backing_fmt: str) -> None: ...
-    def resize(self, path: str, fmt: str, size: int) -> None: ...
+    def resize(self, path: str, fmt: str, size: int, skip_backing: bool = False) -> None: ...
     def convert(self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool) -> None: ...
     def check(self, path: str, fmt: str) -> dict: ...
     def qemu_info_chain(self, path: str, fmt: str) -> list[dict]: ...
@@ -164,8 +167,8 @@ class PrivilegedIO:
     def rebase_unsafe(self, path: str, backing: str, backing_fmt: str) -> None:
         self.qemu.qemu_img_rebase(path, backing, backing_fmt, unsafe=True)
 
-    def resize(self, path: str, fmt: str, size: int) -> None:
-        self.qemu.qemu_img_resize(path, fmt, size)
+    def resize(self, path: str, fmt: str, size: int, skip_backing: bool = False) -> None:
+        self.qemu.qemu_img_resize(path, fmt, size, skip_backing)
 
     def convert(self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool) -> None:
         self.qemu.qemu_img_convert(src, src_fmt, dst, dst_fmt, sparse)
@@ -532,9 +535,9 @@ class Chain:
         self.io.rename(self.path(self.tmp_name), self.path(self.base))
         return self.save(ChainState(self.base, {}, 0, fmt))
 
-    def _grow(self, path: str, fmt: str, thick: bool) -> None:
+    def _grow(self, path: str, fmt: str, thick: bool, skip_backing: bool = False) -> None:
         if fmt == "qcow2":
-            self.io.resize(path, "qcow2", self.size_bytes)
+            self.io.resize(path, "qcow2", self.size_bytes, skip_backing)
         elif thick:
             self.io.fallocate(path, self.size_bytes)
         else:
@@ -572,7 +575,13 @@ class Chain:
         return self.save(state, durable=False, active=new, snapshots=snapshots)
 
     def _sweep_orphans(self, state: ChainState) -> None:
-        """Remove overlays of this volume that the .info file does not name."""
+        """Remove overlays of this volume that the .info file does not name.
+
+        Only operations that then write the .info file sweep (snapshot create,
+        delete, revert): their write bumps the generation, so a writer whose
+        lock lapsed while it created the overlay just removed is refused
+        instead of publishing a chain that names a missing file.
+        """
         named = {self.base, state.active, *state.snapshots.values()}
         for name in self._files(state):
             if self._own.match(name) and name not in named:
@@ -615,6 +624,7 @@ class Chain:
             raise exception.InvalidInfoFile(
                 self.info_path, f"snapshot {snapshot_id}'s file {target} is not in the chain"
             )
+        self._sweep_orphans(state)
         i = names.index(target)
         base = links[i + 1]
         higher = links[i - 1].name if i > 0 else None
@@ -661,6 +671,7 @@ class Chain:
                 f"volume {self.volume_id} can only be reverted to its latest snapshot "
                 f"(as in Cinder); {snapshot_id} is older. Delete the newer snapshots first."
             )
+        self._sweep_orphans(state)
         links = self.trusted_chain(state)
         intent = {
             "op": "revert",
@@ -685,12 +696,18 @@ class Chain:
         state = self.load_recovered()
         new_size = int(new_size_gib) * GiB
         self.size_bytes = max(self.size_bytes, new_size)
-        top = self.trusted_chain(state)[0]
+        links = self.trusted_chain(state)
+        top = links[0]
         if new_size < top.virtual_size:
             raise exception.VolumeError(
                 f"volume {self.volume_id} is {top.virtual_size} bytes; cannot shrink to {new_size}"
             )
-        self._grow(self.path(top.name), top.format, thick)
+        # qemu-img opens the backing chain only to see whether the backing
+        # file is longer than the top (then the new area must be zeroed, or
+        # the backing file's data would show through). The checked headers
+        # already say; when it is not, the chain is left closed.
+        skip = len(links) > 1 and links[1].virtual_size <= top.virtual_size
+        self._grow(self.path(top.name), top.format, thick, skip_backing=skip)
         return state
 
     def delete_volume(self) -> None:

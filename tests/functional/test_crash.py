@@ -114,6 +114,31 @@ def test_crash_then_next_operation_recovers(env, op, target, crash, left, active
     assert v.region_is(*v.active_image(driver, vol), 0, active)
 
 
+@pytest.mark.parametrize("next_op", ["delete_snapshot", "revert"])
+def test_orphan_of_a_crashed_snapshot_create_is_swept_by_other_changes(env, next_op):
+    """Not only the next snapshot create: any operation that rewrites the .info file."""
+    config, driver = env
+    vol, s1, s2 = _prepared(driver)
+    job = {
+        "op": "create_snapshot",
+        "volume": dataclasses.asdict(vol),
+        "snapshot_id": "crashed-new",
+        "crash": {"method": "create", "nth": 1, "when": "after"},
+    }
+    _crash(config, job)
+    assert any("orphan file" in p for p in driver.verify_volume(vol)["problems"])
+    if next_op == "delete_snapshot":
+        driver.delete_snapshot(s1)
+        left, active = {s2.id}, 0x33
+    else:
+        driver.revert_to_snapshot(None, vol, s2)
+        left, active = {s1.id, s2.id}, 0x22
+    assert driver.verify_volume(vol)["problems"] == []
+    assert set(driver.chain(vol).load().snapshots) == left
+    assert v.region_is(*v.snapshot_image(driver, s2), 0, 0x22)
+    assert v.region_is(*v.active_image(driver, vol), 0, active)
+
+
 def test_crash_during_delete_volume_is_finished_by_the_next_delete(env):
     config, driver = env
     vol, _s1, _s2 = _prepared(driver)
