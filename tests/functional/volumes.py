@@ -210,6 +210,7 @@ def exercise_every_method(driver, flavour: str, volume_type: str) -> None:
     driver.extend_volume(vol, 2)
     vol.size = 2
     assert_intact(driver, vol)
+    assert active_is(driver, vol, GROWN, 0)  # the new area reads as zeros
     write(driver, vol, GROWN, 0x55)
     assert active_is(driver, vol, GROWN, 0x55)
     assert active_is(driver, vol, 0, 0x33)

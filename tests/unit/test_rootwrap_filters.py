@@ -13,6 +13,8 @@ from remotefs_aa.privsep import files, mount, qemu, rootwrap_filters, runner
 from tests import REPO
 
 EXEC_DIRS = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+RESIZE = ["qemu-img", "resize", "-q", "-f", "qcow2"]
+JSON_HEAD = 'json:{"driver": "qcow2", "file": '
 
 
 class Recorder(runner.Executor):
@@ -72,6 +74,7 @@ def test_every_command_built_by_the_entrypoints_is_allowed(recorded, tmp_path):
     qemu.qemu_img_rebase(f"{img}.s2", "volume-1", "raw")
     qemu.qemu_img_rebase(f"{img}.s2", "volume-1", "raw", unsafe=True)
     qemu.qemu_img_resize(img, "raw", 4096)
+    qemu.qemu_img_resize(f"{img}.s2", "qcow2", 4096, skip_backing=True)
     qemu.qemu_img_convert(img, "raw", f"{vol}/volume-2", "qcow2")
     qemu.qemu_img_convert(img, "raw", f"{vol}/volume-3", "raw", sparse=False)
     qemu.qemu_img_check(f"{img}.s2")
@@ -107,13 +110,20 @@ def test_every_command_built_by_the_entrypoints_is_allowed(recorded, tmp_path):
         ["mount", "-t", "ext4", "--", "/dev/sda1", "{base}/m"],
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "../other", "-F", "raw", "{base}/o"],
         ["qemu-img", "info", "--output=json", "{base}/x"],  # without resource limits
+        # A JSON spec that names another backing file, or a second file.
+        [*RESIZE, JSON_HEAD + '{"driver": "file", "filename": "{base}/x"}, "backing": "/e"}', "1"],
+        [
+            *RESIZE,
+            JSON_HEAD + '{"driver": "file", "filename": "{base}/x", "a": 1}, "backing": null}',
+            "1",
+        ],
     ],
 )
 def test_other_commands_are_refused(tmp_path, argv):
     base = str(tmp_path / "base")
     os.makedirs(base)
     filters = _filters(tmp_path, base + "/x")
-    full = ["timeout", "--kill-after=5", "60", *(a.format(base=base) for a in argv)]
+    full = ["timeout", "--kill-after=5", "60", *(a.replace("{base}", base) for a in argv)]
     with pytest.raises(wrapper.NoFilterMatched):
         wrapper.match_filter(filters, full, exec_dirs=EXEC_DIRS)
 
