@@ -190,3 +190,12 @@ class VolumeBusy(VolumeError):
 
 class VolumeExists(VolumeError):
     """A volume file with that id already exists; nothing was overwritten."""
+
+
+class ImageRefused(VolumeError):
+    """An image to copy into a volume is unusable (format, size, backing or data file)."""
+
+    def __init__(self, image_id: str, reason: str) -> None:
+        self.image_id = image_id
+        self.reason = reason
+        super().__init__(f"image {image_id} refused: {reason}. No volume was changed.")

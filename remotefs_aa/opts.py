@@ -161,8 +161,9 @@ privileged_opts = [
         default=["$state_path"],
         help="Directories under which privileged file operations, qemu-img and "
         "mount points may act. Every path argument is resolved (symlinks, "
-        "'..') and refused unless it lies under one of these. The drivers add "
-        "their mount point bases.",
+        "'..') and refused unless it lies under one of these. The mount point "
+        "bases, shares and image_conversion_dir must lie under them (the "
+        "service refuses to start otherwise).",
     ),
     cfg.IntOpt(
         "command_timeout",
@@ -206,6 +207,14 @@ driver_opts = [
         min=1.0,
         help="Thin provisioning: the provisioned size of all volumes on a share "
         "may reach this multiple of its capacity (1.0 = no over-subscription).",
+    ),
+    cfg.StrOpt(
+        "image_conversion_dir",
+        default="$state_path/conversion",
+        help="Where images are downloaded to before they are checked and "
+        "converted into a volume, and where volumes are converted before "
+        "they are uploaded (Cinder's option). Must lie under [privileged] "
+        "allowed_paths and be writable by the service.",
     ),
     cfg.IntOpt(
         "provisioned_capacity_refresh_interval",

@@ -28,6 +28,7 @@ from oslo_config import cfg
 
 from remotefs_aa import exception, opts, service, workload
 from remotefs_aa.cmd.tables import key_values, table
+from remotefs_aa.image.store import DirectoryImageService
 from remotefs_aa.objects import Snapshot, Volume
 
 
@@ -44,7 +45,20 @@ def add_parsers(commands: Any) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--clone", metavar="VOLUME", help="a full copy of this volume")
     src.add_argument("--from-snapshot", metavar="VOLUME:SNAPSHOT", help="the data of this snapshot")
+    src.add_argument(
+        "--image", metavar="FILE", help="the data of this raw or qcow2 image file (checked first)"
+    )
+    p.add_argument(
+        "--image-format",
+        choices=("raw", "qcow2"),
+        help="the format FILE must have (default: what qemu-img finds)",
+    )
     p.set_defaults(func=cmd_volume_create)
+    p = vcmds.add_parser("export", parents=[fmt], help="copy a volume's data to an image file")
+    p.add_argument("volume")
+    p.add_argument("file", help="the image file to write (replaced atomically)")
+    p.add_argument("--disk-format", choices=("raw", "qcow2"), default="raw")
+    p.set_defaults(func=cmd_volume_export)
     p = vcmds.add_parser("delete", parents=[fmt], help="delete a volume and its snapshots")
     p.add_argument("volume")
     p.set_defaults(func=cmd_volume_delete)
@@ -128,6 +142,8 @@ def _timed(call: Any) -> tuple[Any, float]:
 
 
 def cmd_volume_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    if args.image_format and not args.image:
+        raise exception.VolumeError("--image-format applies only with --image FILE")
     with service.running(conf) as driver:
         vol = Volume(size=args.size) if not args.id else Volume(id=args.id, size=args.size)
         if args.clone:
@@ -141,6 +157,9 @@ def cmd_volume_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             snap = Snapshot(_find(driver, src_id), id=snap_id)
             update, ms = _timed(lambda: driver.create_volume_from_snapshot(vol, snap))
             how = f"from snapshot {snap_id} of {src_id}"
+        elif args.image:
+            update, ms = _timed(lambda: _create_from_image(driver, vol, args))
+            how = f"from image {os.path.abspath(args.image)}"
         else:
             update, ms = _timed(lambda: driver.create_volume(vol))
             how = f"new {driver.volume_format}"
@@ -154,6 +173,63 @@ def cmd_volume_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             "ms": round(ms, 1),
         }
     _emit(args, result, [(k, v) for k, v in result.items()])
+    return 0
+
+
+def _image_service(path: str) -> tuple[DirectoryImageService, str]:
+    return DirectoryImageService(os.path.dirname(os.path.abspath(path)), sidecars=False), (
+        os.path.basename(path)
+    )
+
+
+def _create_from_image(driver: Any, vol: Volume, args: argparse.Namespace) -> dict:
+    """A new volume filled from an image file; removed again if the image is refused."""
+    images, image_id = _image_service(args.image)
+    images.show(None, image_id)  # a missing file fails before anything is created
+    if args.image_format:
+        images = _StatedFormat(images, args.image_format)
+    update = driver.create_volume(vol)
+    vol.provider_location = update["provider_location"]
+    try:
+        driver.copy_image_to_volume(None, vol, images, image_id)
+    except BaseException:
+        driver.delete_volume(vol)
+        raise
+    return update
+
+
+class _StatedFormat:
+    """An image service whose images claim ``disk_format`` (the --image-format flag)."""
+
+    def __init__(self, inner: DirectoryImageService, disk_format: str) -> None:
+        self.inner = inner
+        self.disk_format = disk_format
+
+    def show(self, context: Any, image_id: str) -> dict:
+        return {**self.inner.show(context, image_id), "disk_format": self.disk_format}
+
+    def download(self, context: Any, image_id: str, data: Any) -> None:
+        self.inner.download(context, image_id, data)
+
+
+def cmd_volume_export(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    images, image_id = _image_service(args.file)
+    with service.running(conf) as driver:
+        vol = _find(driver, args.volume)
+        _, ms = _timed(
+            lambda: driver.copy_volume_to_image(
+                None, vol, images, {"id": image_id, "disk_format": args.disk_format}
+            )
+        )
+    path = os.path.join(images.directory, image_id)
+    result = {
+        "id": vol.id,
+        "file": path,
+        "disk_format": args.disk_format,
+        "bytes": os.path.getsize(path),
+        "ms": round(ms, 1),
+    }
+    _emit(args, result, list(result.items()))
     return 0
 
 

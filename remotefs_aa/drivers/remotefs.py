@@ -29,6 +29,7 @@ from remotefs_aa import exception
 from remotefs_aa.coordination import synchronized
 from remotefs_aa.drivers.base import ModelUpdate, VolumeDriver
 from remotefs_aa.image.chain import Chain, GiB, ImageIO, PrivilegedIO
+from remotefs_aa.image.qemu import ImageInfo
 from remotefs_aa.objects import Volume
 
 LOG = logging.getLogger(__name__)
@@ -266,18 +267,145 @@ class RemoteFSDriver(VolumeDriver):
     def copy_image_to_volume(
         self, context: Any, volume: Any, image_service: Any, image_id: str
     ) -> None:
-        raise exception.VolumeError(
-            "copy_image_to_volume needs an image service, which remotefs_aa does not "
-            "ship yet; create the volume from a file with qemu-img instead"
+        """Fill ``volume`` (which has no snapshot yet) with image ``image_id``.
+
+        The download runs without the volume's lock (it can be long), as this
+        process, into ``image_conversion_dir``. The file is then checked like
+        any image a tenant may have crafted (``qemu-img info`` under the
+        helper's limits: raw or qcow2, the format the image service states,
+        no backing or external data file, not encrypted, no larger than the
+        volume), and converted, under the lock, in place of the volume's base.
+        """
+        meta = image_service.show(context, image_id)
+        path = self._conversion_file(f"image-{volume.id}")
+        started = time.monotonic()
+        try:
+            with open(path, "wb") as f:
+                image_service.download(context, image_id, data=f)
+            downloaded = time.monotonic()
+            info = self._checked_image(path, image_id, meta, volume)
+            self._import_image(volume, path, info)
+        finally:
+            self._remove_conversion_file(path)
+        LOG.info(
+            "volume %s: image %s (%s, %d MiB virtual) copied in: download %.1f s, convert %.1f s",
+            volume.id,
+            image_id,
+            info.format,
+            info.virtual_size // 2**20,
+            downloaded - started,
+            time.monotonic() - downloaded,
         )
+
+    def _checked_image(self, path: str, image_id: str, meta: dict, volume: Any) -> ImageInfo:
+        from remotefs_aa.image import qemu
+
+        try:
+            info = qemu.info(path)[0]  # probed: the file decides, the metadata must agree
+        except exception.PrivilegedCommandFailed as exc:
+            raise exception.ImageRefused(image_id, f"qemu-img cannot read it ({exc})") from None
+        stated = meta.get("disk_format")
+        problems = []
+        if info.format not in ("raw", "qcow2"):
+            problems.append(f"its format is {info.format!r}; only raw and qcow2 are accepted")
+        elif stated and stated != info.format:
+            problems.append(
+                f"the image service says disk_format {stated!r} but the file is "
+                f"{info.format!r} (a mismatch is how a hostile image gets read as "
+                f"another format)"
+            )
+        if info.backing_file:
+            problems.append(f"it has a backing file ({info.backing_file!r})")
+        if info.data_file:
+            problems.append(f"it has an external data file ({info.data_file!r})")
+        if info.encrypted:
+            problems.append("it is encrypted")
+        if info.virtual_size > volume.size * GiB:
+            problems.append(
+                f"its virtual size, {info.virtual_size} bytes, exceeds volume {volume.id}'s "
+                f"{volume.size} GiB; create a larger volume"
+            )
+        if problems:
+            raise exception.ImageRefused(image_id, "; ".join(problems))
+        return info
+
+    @synchronized("{volume.id}")
+    def _import_image(self, volume: Any, path: str, info: ImageInfo) -> None:
+        share = self._share_of(volume)
+        chain = self.chain(volume)
+        chain.replace_base(path, info.format, info.virtual_size, not self.thick)
+        self._set_mode(share, chain.path(chain.base))
 
     def copy_volume_to_image(
         self, context: Any, volume: Any, image_service: Any, image_meta: dict
     ) -> None:
-        raise exception.VolumeError(
-            "copy_volume_to_image needs an image service, which remotefs_aa does not "
-            "ship yet; export the active image with qemu-img convert instead"
+        """Upload the volume's current data (its chain, flattened) as an image.
+
+        The copy is made under the volume's lock, into ``image_conversion_dir``
+        (``disk_format`` raw, the default, or qcow2); the upload runs after
+        the lock is released, so snapshots of the volume need not wait for it.
+        """
+        fmt = image_meta.get("disk_format") or "raw"
+        if fmt not in ("raw", "qcow2"):
+            raise exception.VolumeError(
+                f"cannot upload volume {volume.id} as {fmt!r}: disk_format must be raw or qcow2"
+            )
+        path = self._conversion_file(f"upload-{volume.id}")
+        started = time.monotonic()
+        try:
+            self._export_image(volume, path, fmt)
+            converted = time.monotonic()
+            with open(path, "rb") as f:
+                image_service.update(
+                    context, image_meta["id"], {**image_meta, "disk_format": fmt}, data=f
+                )
+        finally:
+            self._remove_conversion_file(path)
+        LOG.info(
+            "volume %s: uploaded as image %s (%s): convert %.1f s, upload %.1f s",
+            volume.id,
+            image_meta["id"],
+            fmt,
+            converted - started,
+            time.monotonic() - converted,
         )
+
+    @synchronized("{volume.id}")
+    def _export_image(self, volume: Any, path: str, fmt: str) -> None:
+        share = self._share_of(volume)
+        chain = self.chain(volume)
+        top = chain.trusted_chain(chain.load_recovered())[0]
+        io = self.io_for(share)
+        io.convert(chain.path(top.name), top.format, path, fmt, True)
+        if os.stat(path).st_uid != os.geteuid():
+            io.chown(path, os.geteuid(), os.getegid())  # written by the root daemon
+
+    def _conversion_file(self, name: str) -> str:
+        """A fresh file name in ``image_conversion_dir`` (created as this process)."""
+        directory = os.path.realpath(self.conf.image_conversion_dir)
+        allowed = [os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p]
+        if not any(directory.startswith(a.rstrip("/") + "/") for a in allowed):
+            raise exception.InvalidConfig(
+                "[DEFAULT] image_conversion_dir",
+                self.conf.image_conversion_dir,
+                "must lie inside [privileged] allowed_paths (qemu-img runs there as root)",
+            )
+        try:
+            os.makedirs(directory, 0o750, exist_ok=True)
+        except OSError as exc:
+            raise exception.InvalidConfig(
+                "[DEFAULT] image_conversion_dir", directory, f"cannot be created: {exc}"
+            ) from None
+        path = os.path.join(directory, f"{name}.{os.getpid()}.{time.monotonic_ns()}")
+        return path
+
+    def _remove_conversion_file(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            self.io.unlink(path)  # left root-owned by a failed convert
 
     def initialize_connection(self, volume: Any, connector: dict) -> dict:
         """os-brick connection info, from a lock-free read of the atomically written .info."""

@@ -49,6 +49,9 @@ create_volume / clone / create from snapshot
     Written to a hidden temp file ``.volume-<id>.tmp``, renamed into place,
     then the .info file is created. A crash leaves only the temp file, which
     the next create or delete of that id removes.
+copy image to volume (no snapshots)
+    Converted into ``.volume-<id>.tmp``, renamed over the base, .info
+    rewritten (new generation). A crash leaves the old base and the temp file.
 extend
     One ``qemu-img resize`` (or truncate / fallocate) of the active image;
     the backing chain stays closed when the checked headers show the backing
@@ -108,6 +111,7 @@ class ImageIO(Protocol):
     def qemu_info_chain(self, path: str, fmt: str) -> list[dict]: ...
     def statvfs(self, path: str) -> dict: ...
     def chmod(self, path: str, mode: int) -> None: ...
+    def chown(self, path: str, uid: int, gid: int) -> None: ...
 
 
 class PrivilegedIO:
@@ -186,6 +190,9 @@ class PrivilegedIO:
 
     def chmod(self, path: str, mode: int) -> None:
         self.files.chmod(path, mode)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.files.chown(path, uid, gid)
 
 
 class _Bodies:
@@ -530,6 +537,33 @@ class Chain:
         except BaseException:
             self.io.unlink(tmp)
             raise
+
+    def replace_base(self, src: str, src_fmt: str, src_size: int, sparse: bool) -> ChainState:
+        """The base's content replaced by a flat copy of ``src`` (copy_image_to_volume).
+
+        Only while the volume has no snapshot: an overlay would sit on data
+        that changed under it. Steps: convert into the hidden temp file, grow
+        it to the volume's size, rename it over the base, write the .info
+        file (a new generation: fences a writer whose lock lapsed). A crash
+        leaves the temp file, which the next import, create or delete of the
+        volume removes; the base is either the old one or the new one.
+        """
+        state = self.load_recovered()
+        if state.snapshots or state.active != self.base:
+            raise exception.VolumeBusy(
+                f"volume {self.volume_id} has snapshots; an image can only be copied "
+                f"into a volume without any (delete them first). Nothing was changed."
+            )
+        tmp = self.path(self.tmp_name)
+        try:
+            self.io.convert(src, src_fmt, tmp, state.format, sparse)
+            if src_size < self.size_bytes:
+                self._grow(tmp, state.format, not sparse)
+            self.io.rename(tmp, self.path(self.base))
+        except BaseException:
+            self.io.unlink(tmp)
+            raise
+        return self.save(state)
 
     def _publish_tmp(self, fmt: str) -> ChainState:
         self.io.rename(self.path(self.tmp_name), self.path(self.base))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -42,6 +43,30 @@ def test_volume_and_snapshot_commands(tmp_path):
     for volume in (vol, clone, copy):
         _json(config, "volume", "delete", volume["id"])
     assert _json(config, "volume", "list") == []
+
+
+def test_volume_from_an_image_file_and_export(tmp_path):
+    config = v.write_config(str(tmp_path))
+    image = tmp_path / "guest.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "256M"], check=True)
+    v.write_region(str(image), "qcow2", 3, 0x5A)
+    vol = _json(config, "volume", "create", "--size", "1", "--image", str(image))
+    assert vol["created"] == f"from image {image}"
+    out = tmp_path / "exported.raw"
+    exported = _json(config, "volume", "export", vol["id"], str(out))
+    assert exported["bytes"] == 1024**3 and exported["disk_format"] == "raw"
+    assert v.region_is(str(out), "raw", 3, 0x5A) and v.region_is(str(out), "raw", 0, 0)
+    assert sorted(p.name for p in tmp_path.glob("exported*")) == ["exported.raw"]  # no sidecar
+
+    # A refused image leaves no volume behind, and says why.
+    proc = run_cli(
+        "--config-file", config, "volume", "create", "--size", "1",
+        "--image", str(image), "--image-format", "raw",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "says disk_format 'raw' but the file is 'qcow2'" in proc.stderr
+    assert [item["id"] for item in _json(config, "volume", "list")] == [vol["id"]]
+    _json(config, "volume", "delete", vol["id"])
 
 
 def test_unknown_volume_is_a_clear_error(tmp_path):

@@ -198,6 +198,46 @@ def test_extend_zeroes_the_new_area_when_the_backing_file_is_longer(raw_driver):
     assert not v.active_is(raw_driver, vol, beyond_top, 0x77)
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["backing-file", "format-mismatch", "too-large", "not-an-image-format", "has-snapshots"],
+)
+def test_unusable_image_is_refused_and_the_volume_is_untouched(raw_driver, case):
+    images = v.image_store(raw_driver)
+    vol = v.new_volume(raw_driver)
+    v.write(raw_driver, vol, 0, 0x44)
+    if case == "backing-file":
+        path = os.path.join(images.directory, "img")
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", path],
+            check=True,
+        )
+        match, error = "backing file", exception.ImageRefused
+    elif case == "format-mismatch":
+        v.make_image(images, "img", "qcow2", "64M", disk_format="raw")
+        match, error = "says disk_format 'raw' but the file is 'qcow2'", exception.ImageRefused
+    elif case == "too-large":
+        v.make_image(images, "img", "qcow2", "2G")
+        match, error = "exceeds volume", exception.ImageRefused
+    elif case == "not-an-image-format":
+        v.make_image(images, "img", "vpc", "64M")
+        match, error = "only raw and qcow2", exception.ImageRefused
+    else:
+        v.make_image(images, "img", "raw", "64M", disk_format="raw")
+        raw_driver.create_snapshot(Snapshot(vol))
+        v.write(raw_driver, vol, 0, 0x44)
+        match, error = "has snapshots", exception.VolumeBusy
+    before = v.volume_files(raw_driver, vol)
+    generation = raw_driver.chain(vol).load().generation
+    with pytest.raises(error, match=match):
+        raw_driver.copy_image_to_volume(None, vol, images, "img")
+    assert v.volume_files(raw_driver, vol) == before
+    assert raw_driver.chain(vol).load().generation == generation
+    assert v.active_is(raw_driver, vol, 0, 0x44)
+    v.assert_intact(raw_driver, vol)
+    assert os.listdir(raw_driver.conf.image_conversion_dir) == []
+
+
 def test_volume_already_there_is_not_overwritten(raw_driver):
     vol = v.new_volume(raw_driver)
     v.write(raw_driver, vol, 0, 0x66)

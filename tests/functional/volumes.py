@@ -16,6 +16,7 @@ import pytest
 
 from remotefs_aa import exception, service
 from remotefs_aa.image.chain import GiB
+from remotefs_aa.image.store import DirectoryImageService
 from remotefs_aa.objects import Snapshot, Volume
 
 REGION = 64 * 1024
@@ -226,6 +227,8 @@ def exercise_every_method(driver, flavour: str, volume_type: str) -> None:
         assert active_is(driver, vol, region, pattern)
     driver.delete_snapshot(s1)  # already gone: succeeds, as in Cinder
 
+    exercise_images(driver)
+
     stats = driver.get_volume_stats()
     assert stats["provisioned_capacity_gb"] - provisioned_before == pytest.approx(5, abs=0.01)
     assert stats["pools"] and stats["total_capacity_gb"] > 0
@@ -235,6 +238,58 @@ def exercise_every_method(driver, flavour: str, volume_type: str) -> None:
         assert volume_files(driver, volume) == []
     after = driver.get_volume_stats()["provisioned_capacity_gb"]
     assert after == pytest.approx(provisioned_before, abs=0.01)
+
+
+def image_store(driver) -> DirectoryImageService:
+    """An image directory under the service's state path."""
+    images = DirectoryImageService(os.path.join(driver.conf.state_path, "images"))
+    os.makedirs(images.directory, exist_ok=True)
+    return images
+
+
+def make_image(images: DirectoryImageService, name: str, fmt: str, size: str, **meta) -> str:
+    """An image file ``name`` with 0x61 in region 0 and 0x62 in region 5; its path."""
+    path = os.path.join(images.directory, name)
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
+    write_region(path, fmt, 0, 0x61)
+    write_region(path, fmt, 5, 0x62)
+    if meta:
+        with open(path + ".json", "w") as f:
+            json.dump(meta, f)
+    return path
+
+
+def exercise_images(driver) -> None:
+    """copy_image_to_volume, then copy_volume_to_image (raw and qcow2), data checked."""
+    images = image_store(driver)
+    make_image(images, "half-gib", "qcow2", "512M", disk_format="qcow2")
+    vol = new_volume(driver)
+    driver.copy_image_to_volume(None, vol, images, "half-gib")
+    assert_intact(driver, vol)
+    beyond_image = (512 + 64) * 1024 * 1024 // REGION
+    for region, pattern in ((0, 0x61), (5, 0x62), (beyond_image, 0)):
+        assert active_is(driver, vol, region, pattern)
+    assert driver.chain(vol).trusted_chain(driver.chain(vol).load())[0].virtual_size == GiB
+
+    # Upload the current data (a snapshot and a newer write on top of it).
+    snap = Snapshot(vol)
+    driver.create_snapshot(snap)
+    write(driver, vol, 0, 0x63)
+    for fmt in ("raw", "qcow2"):
+        driver.copy_volume_to_image(None, vol, images, {"id": f"out-{fmt}", "disk_format": fmt})
+        path = os.path.join(images.directory, f"out-{fmt}")
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", path], check=True, capture_output=True
+            ).stdout
+        )
+        assert info["format"] == fmt and "backing-filename" not in info
+        assert info["virtual-size"] == GiB
+        assert region_is(path, fmt, 0, 0x63) and region_is(path, fmt, 5, 0x62)
+        assert images.show(None, f"out-{fmt}")["disk_format"] == fmt
+    assert os.listdir(driver.conf.image_conversion_dir) == []
+    driver.delete_snapshot(snap)
+    driver.delete_volume(vol)
 
 
 def run_demo_workers(
