@@ -118,6 +118,17 @@ class PrivilegedHelperUnavailable(PrivilegedError):
     """The privileged helper could not be started or reached."""
 
 
+class PrivilegedDaemonLost(PrivilegedHelperUnavailable):
+    """The connection to a running privileged daemon broke during a call."""
+
+    def __init__(self, section: str, cause: object) -> None:
+        super().__init__(
+            f"lost the privileged daemon [{section}] ({cause}); the call may have run "
+            f"in part. The next call starts a new daemon, and the next operation on the "
+            f"volume finishes or rolls back what this one left: retry it"
+        )
+
+
 class VolumeError(RemoteFSAAError):
     """A volume or snapshot operation failed; the chain was left consistent."""
 

@@ -49,6 +49,8 @@ from oslo_privsep import comm, priv_context
 from oslo_privsep import daemon as priv_daemon
 from oslo_utils import importutils
 
+from remotefs_aa import exception
+
 LOG = logging.getLogger(__name__)
 
 HELPER_NAME = "remotefs-aa-privsep-helper"
@@ -65,6 +67,7 @@ class LeanClientChannel:
 
     def __init__(self, context: LeanContext) -> None:
         self.log = pylogging.getLogger(context.conf.logger_name)
+        self.section = context.cfg_section
         self.log_traceback = bool(context.conf.log_daemon_traceback)
         self._alive = False
         sock = self._spawn(context)
@@ -77,11 +80,11 @@ class LeanClientChannel:
         self._replies: dict[int, Any] = {}
         self._waiting: set[int] = set()
         self._ids = itertools.count(1)
-        self._error: OSError | None = None
+        self._error: exception.PrivilegedDaemonLost | None = None
         self._alive = True
         try:
             reply = self.send_recv((comm.Message.PING.value,), timeout=60)
-        except OSError as exc:
+        except exception.PrivilegedDaemonLost as exc:
             reply = (None, str(exc))
         if reply[0] != comm.Message.PONG:
             self.close()
@@ -190,7 +193,7 @@ class LeanClientChannel:
                     self._writer.send((msgid, msg))
             except OSError as exc:
                 self._fail(exc)
-                raise
+                raise self._error from exc  # type: ignore[misc]
             with self._cond:
                 while msgid not in self._replies:
                     if self._error is not None:
@@ -247,22 +250,21 @@ class LeanClientChannel:
         if item is None:
             return
         if item is _EOF or isinstance(item, OSError):
-            error = OSError("premature EOF from the privileged daemon (did it die?)")
-            if isinstance(item, OSError):
-                error.__cause__ = item
-            self._fail_locked(error)
+            self._fail_locked(item if isinstance(item, OSError) else "end of file: it exited")
             return
         msgid, data = item
         if msgid in self._waiting:
             self._replies[msgid] = data
 
-    def _fail(self, exc: OSError) -> None:
-        """Mark the channel dead: every waiter and the next call see ``exc``."""
+    def _fail(self, cause: object) -> None:
+        """Mark the channel dead: every waiter and the next call get PrivilegedDaemonLost."""
         with self._cond:
-            self._fail_locked(exc)
+            self._fail_locked(cause)
 
-    def _fail_locked(self, exc: OSError) -> None:
-        self._error = self._error or exc
+    def _fail_locked(self, cause: object) -> None:
+        # Not an OSError: callers catch FileNotFoundError & co. from the
+        # entrypoints themselves, and must not take a lost daemon for one.
+        self._error = self._error or exception.PrivilegedDaemonLost(self.section, cause)
         self._alive = False
         self._cond.notify_all()
 

@@ -23,6 +23,7 @@ import pytest
 from oslo_config import cfg
 from oslo_privsep import comm
 
+from remotefs_aa import exception
 from remotefs_aa.privsep.lean import HELPER_NAME
 from tests import REPO
 from tests.functional import privsep_contexts as pc
@@ -111,8 +112,12 @@ def test_daemon_killed_mid_call_fails_that_call_and_restarts(lean):
     os.kill(first, signal.SIGKILL)
     caller.join(timeout=10)
     assert not caller.is_alive(), "the call waiting on a dead daemon hung"
-    assert error and isinstance(error[0], OSError)
-    assert "premature EOF" in str(error[0])
+    # A clear error of our own, not an OSError a caller could take for the
+    # entrypoint's own FileNotFoundError & co.
+    assert error and isinstance(error[0], exception.PrivilegedDaemonLost), error
+    assert not isinstance(error[0], OSError)
+    assert f"lost the privileged daemon [{pc.LEAN_SECTION}]" in str(error[0])
+    assert "retry" in str(error[0])
     _wait_gone(first)
     second = pc.echo("again")
     assert second[0] == "again" and second[1] != first
