@@ -139,3 +139,38 @@ def mode_bits(value: object) -> int:
             f"mode {value!r} must be permission bits between 0 and 0o777"
         )
     return value
+
+
+def root_controlled(path: str, owner: int = 0) -> None:
+    """Refuse ``path`` unless only root (or ``owner``) can change it or where it resolves.
+
+    The privileged daemon takes ``[privileged] allowed_paths`` and the limits
+    from the config files named on its command line; a service that could
+    edit one of them could widen what runs as root. So the file and every
+    directory above it must belong to root and be writable by nobody else
+    (a sticky directory such as /tmp is fine: others cannot replace what root
+    owns in it).
+    """
+    real = os.path.realpath(path)
+    current = real
+    while True:
+        try:
+            st = os.stat(current)
+        except OSError as exc:
+            raise exception.PrivilegedArgumentRefused(
+                f"config {path!r}: cannot check {current}: {exc.strerror}"
+            ) from None
+        is_dir = current != real or os.path.isdir(current)
+        sticky = is_dir and st.st_mode & 0o1000
+        foreign = st.st_uid not in (0, owner)
+        if foreign or (st.st_mode & 0o022 and not sticky):
+            raise exception.PrivilegedArgumentRefused(
+                f"refusing config {path!r}: {current} is "
+                + (f"owned by uid {st.st_uid}" if foreign else "group/world-writable")
+                + ". The privileged daemon reads [privileged] allowed_paths from it, so only "
+                "root may be able to change it: chown root:root and chmod go-w every part "
+                "(e.g. keep it in /etc/remotefs_aa)"
+            )
+        if current == "/":
+            return
+        current = os.path.dirname(current)

@@ -50,6 +50,7 @@ from oslo_privsep import daemon as priv_daemon
 from oslo_utils import importutils
 
 from remotefs_aa import exception
+from remotefs_aa.privsep import confine
 
 LOG = logging.getLogger(__name__)
 
@@ -133,15 +134,19 @@ class LeanClientChannel:
             cmd = context.helper_command(sockpath)
             LOG.info("starting privileged daemon [%s]: %s", context.cfg_section, cmd)
             proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-            threading.Thread(
+            said: list[str] = []
+            reader = threading.Thread(
                 target=self._log_helper_stderr,
-                args=(proc.stderr, context.cfg_section),
+                args=(proc.stderr, context.cfg_section, said),
                 name=f"privsep-stderr-{context.cfg_section}",
                 daemon=True,
-            ).start()
+            )
+            reader.start()
             if proc.wait() != 0:
+                reader.join(timeout=2)  # the helper's own words, if it said why
+                why = f" ({said[-1]})" if said else ""
                 raise priv_daemon.FailedToDropPrivileges(
-                    f"privsep helper command exited with {proc.returncode}"
+                    f"privsep helper command exited with {proc.returncode}{why}"
                 )
             listen.settimeout(60)
             try:
@@ -158,10 +163,12 @@ class LeanClientChannel:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
     @staticmethod
-    def _log_helper_stderr(stream: Any, section: str) -> None:
-        """The helper's and the daemon's stderr, one log line each."""
+    def _log_helper_stderr(stream: Any, section: str, said: list[str]) -> None:
+        """The helper's and the daemon's stderr, one log line each (the last few kept)."""
         for line in iter(stream.readline, b""):
-            LOG.warning("privsep [%s]: %s", section, line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace").rstrip()
+            LOG.warning("privsep [%s]: %s", section, text)
+            said[:] = [*said[-4:], text]
 
     # -- calls -------------------------------------------------------------
 
@@ -363,9 +370,20 @@ def helper_main() -> None:
             cfg.StrOpt("privsep_sock_path", required=True),
         ]
     )
-    logging.register_options(cfg.CONF)
-    cfg.CONF(args=sys.argv[1:], project="privsep")
-    logging.setup(cfg.CONF, "privsep", fix_eventlet=False)
+    # Unlike privsep-helper, no logging options: sudo lets the service pass
+    # any arguments, and --log-file or --log-config-append would let it make
+    # root write (or, through a logging config, run) whatever it likes. The
+    # daemon's records go to the service over the channel anyway.
+    pylogging.basicConfig(stream=sys.stderr, level=pylogging.WARNING)
+    cfg.CONF(args=sys.argv[1:], project="privsep", default_config_files=[])
+    try:
+        for path in [*cfg.CONF.config_file, *cfg.CONF.config_dir]:
+            confine.root_controlled(path)
+            if os.path.isdir(path):
+                for name in os.listdir(path):
+                    confine.root_controlled(os.path.join(path, name))
+    except exception.PrivilegedArgumentRefused as exc:
+        sys.exit(f"{HELPER_NAME}: {exc}")
 
     name = cfg.CONF.privsep_context
     context = importutils.import_class(name)

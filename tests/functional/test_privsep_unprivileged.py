@@ -132,6 +132,18 @@ SERVICE = textwrap.dedent(
     files.chmod(os.path.join(base, "volume-1.s1"), 0o600)
     info = qemu.qemu_img_info(os.path.join(base, "volume-1.s1"), backing_chain=True)
     out["chain"] = [i["filename"] for i in info]
+    # Delete the middle of a chain through the daemon: commit, rebase, unlink.
+    s1, s2 = (os.path.join(base, f"volume-1.s{i}") for i in (1, 2))
+    qemu.qemu_img_create(s2, "qcow2", backing_file="volume-1.s1", backing_fmt="qcow2")
+    qemu.qemu_img_commit(s1, "qcow2")
+    qemu.qemu_img_rebase(s2, "volume-1", "raw", unsafe=True)
+    files.unlink(s1)
+    info = qemu.qemu_img_info(s2, backing_chain=True)
+    out["merged_chain"] = [i["filename"] for i in info]
+    out["check"] = qemu.qemu_img_check(s2)["exit_code"]
+    out["owner_before"] = os.stat(s2).st_uid
+    files.chown(s2, os.getuid(), os.getgid())
+    out["owner_after"] = os.stat(s2).st_uid
     direct_info = subprocess.run(["qemu-img", "info", os.path.join(base, "volume-1.s1")],
                                  capture_output=True, text=True)
     out["direct_info_rc"] = direct_info.returncode
@@ -187,8 +199,62 @@ def test_unprivileged_service_works_only_through_the_daemon(
     assert out["daemon_mount"] is True and out["mounted"] is True and out["daemon_umount"] is True
     assert out["direct_write"] == "EACCES"
     assert out["chain"] == [f"{base}/volume-1.s1", f"{base}/volume-1"]
+    assert out["merged_chain"] == [f"{base}/volume-1.s2", f"{base}/volume-1"]
+    assert out["check"] == 0
+    assert out["owner_before"] == 0 and out["owner_after"] == out["uid"]  # owned as told
     assert out["direct_info_rc"] != 0  # the 0600 root-owned overlay is unreadable to it
     assert "outside the allowed directories" in out["shadow"]
     if mode == "privsep":
         assert out["daemon_uid"] == 0  # rootwrap runs only the commands as root
     assert out["sudo_true_rc"] != 0  # sudo allows it our privsep helper and nothing else
+
+
+OWN_CONFIG = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, tempfile
+    from oslo_config import cfg
+    from remotefs_aa import exception, opts, privsep
+    from remotefs_aa.privsep import files
+
+    helper = sys.argv[1]
+    mine = tempfile.mkdtemp()  # the service's own directory, its own file
+    conf_file = os.path.join(mine, "wide.conf")
+    with open(conf_file, "w") as f:
+        f.write("[privileged]\\nallowed_paths = /\\nroot_helper = sudo -n\\n")
+    conf = cfg.ConfigOpts(); opts.register_opts(conf); privsep.register_opts(conf)
+    conf(["--config-file", conf_file], default_config_files=[])
+    privsep.init(conf)
+    out = {}
+    try:
+        out["shadow"] = files.read_file("/etc/shadow")[:10]
+    except exception.PrivilegedHelperUnavailable as exc:
+        out["refused"] = str(exc)
+    privsep.stop()
+    # sudo allows the helper with any arguments; logging options are not among them.
+    log = os.path.join(mine, "x")
+    direct = subprocess.run(
+        ["sudo", "-n", helper, "--log-file", "/etc/rfsaa-should-not-exist",
+         "--privsep_context", "remotefs_aa.privsep.file_pctxt", "--privsep_sock_path", log],
+        capture_output=True, text=True, timeout=60)
+    out["log_option_rc"] = direct.returncode
+    out["log_option_err"] = direct.stderr.strip()[-300:]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_service_cannot_widen_the_daemon_with_its_own_config(service_venv, service_user):
+    """The sudo rule allows the helper with any arguments; the helper allows little."""
+    helper = f"{service_venv}/bin/remotefs-aa-privsep-helper"
+    result = subprocess.run(
+        ["runuser", "-u", service_user, "--", f"{service_venv}/bin/python", "-c", OWN_CONFIG,
+         helper],
+        capture_output=True, text=True, timeout=300, cwd="/",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "shadow" not in out, "the daemon read /etc/shadow for the service"
+    assert "refusing config" in out["refused"] and "owned by uid" in out["refused"]
+    assert "chown root:root" in out["refused"]
+    assert out["log_option_rc"] != 0 and "--log-file" in out["log_option_err"], out
+    assert not os.path.exists("/etc/rfsaa-should-not-exist")

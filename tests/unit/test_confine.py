@@ -95,3 +95,51 @@ def test_fstypes():
     assert confine.fstype("glusterfs") == "glusterfs"
     with pytest.raises(Refused):
         confine.fstype("ext4")
+
+
+def test_config_only_root_can_change_is_accepted(tmp_path):
+    me = os.geteuid()
+    conf = tmp_path / "etc" / "rfsaa.conf"
+    conf.parent.mkdir()
+    conf.write_text("[DEFAULT]\n")
+    conf.chmod(0o644)
+    confine.root_controlled(str(conf), owner=me)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "c.conf").write_text("")
+    (sticky / "c.conf").chmod(0o600)
+    confine.root_controlled(str(sticky / "c.conf"), owner=me)  # like /tmp
+
+
+@pytest.mark.parametrize("where", ["file", "directory", "symlink target"])
+def test_config_others_could_change_is_refused(tmp_path, where):
+    me = os.geteuid()
+    d = tmp_path / "etc"
+    d.mkdir()
+    conf = d / "rfsaa.conf"
+    conf.write_text("[privileged]\nallowed_paths = /\n")
+    conf.chmod(0o644)
+    path = conf
+    if where == "file":
+        conf.chmod(0o664)
+    elif where == "directory":
+        d.chmod(0o777)  # not sticky: anyone may replace the file
+    else:
+        d.chmod(0o777)
+        path = tmp_path / "link.conf"
+        path.symlink_to(conf)
+    with pytest.raises(Refused, match="group/world-writable.*chown root:root"):
+        confine.root_controlled(str(path), owner=me)
+
+
+def test_config_owned_by_someone_else_is_refused(tmp_path):
+    conf = tmp_path / "rfsaa.conf"
+    conf.write_text("")
+    if os.geteuid() == 0:
+        os.chown(conf, 12345, 12345)
+        with pytest.raises(Refused, match="owned by uid 12345"):
+            confine.root_controlled(str(conf))
+    else:  # a non-root test run owns the file itself, and root is the default owner
+        with pytest.raises(Refused, match=f"owned by uid {os.geteuid()}"):
+            confine.root_controlled(str(conf))
