@@ -154,6 +154,11 @@ class Worker:
         new = Volume()
         names = [volume_id, new.id] if op in ("clone", "create_from_snapshot") else [volume_id]
         started = time.monotonic()
+        # A volume this step may create: announced first, so that verify can
+        # prove a failed copy left none of its files behind.
+        pending = os.path.join(self.derived_dir, f"{new.id}.pending")
+        if len(names) > 1:
+            open(pending, "w").close()
         try:
             with coordination.locked(*names):
                 self.lock_waits.append(time.monotonic() - started)
@@ -228,6 +233,31 @@ class Worker:
                 },
                 f,
             )
+        os.unlink(os.path.join(self.derived_dir, f"{vol.id}.pending"))
+
+
+def _derived(derived_dir: str) -> list[dict]:
+    """The volumes the workers made, as recorded."""
+    names = sorted(os.listdir(derived_dir)) if os.path.isdir(derived_dir) else []
+    out = []
+    for name in names:
+        if name.endswith(".json"):
+            with open(os.path.join(derived_dir, name)) as f:
+                out.append(json.load(f))
+    return out
+
+
+def _failed_copies(driver: Any, derived_dir: str) -> dict[str, list[str]]:
+    """Volumes a failed clone or copy meant to create: id -> files of it on any share."""
+    names = sorted(os.listdir(derived_dir)) if os.path.isdir(derived_dir) else []
+    ids = [n[: -len(".pending")] for n in names if n.endswith(".pending")]
+    found: dict[str, list[str]] = {i: [] for i in ids}
+    for share in driver.shares if ids else []:
+        listing = driver.io.list_directory(driver.share_path(share))
+        for volume_id in ids:
+            base = f"volume-{volume_id}"
+            found[volume_id] += [n for n in listing if n.lstrip(".").startswith(base)]
+    return found
 
 
 def run_worker(
@@ -294,9 +324,10 @@ def verify(driver: Any, registries: list[str], derived_dir: str, deep: bool = Tr
                     problems.append(f"volume {vol.id}: snapshot {snap_id} does not hold {pattern}")
         except exception.RemoteFSAAError as exc:
             problems.append(f"volume {vol.id}: {exc}")
-    for name in sorted(os.listdir(derived_dir)) if os.path.isdir(derived_dir) else []:
-        with open(os.path.join(derived_dir, name)) as f:
-            d = json.load(f)
+    for volume_id, left in _failed_copies(driver, derived_dir).items():
+        if left:
+            problems.append(f"a failed copy to volume {volume_id} left {sorted(left)}")
+    for d in _derived(derived_dir):
         vol = Volume(id=d["id"], size=d["size"], provider_location=d["share"])
         checked["derived"] += 1
         report = driver.verify_volume(vol, deep=deep)
@@ -312,9 +343,12 @@ def verify(driver: Any, registries: list[str], derived_dir: str, deep: bool = Tr
 def cleanup(driver: Any, registries: list[str], derived_dir: str) -> None:
     """Delete every volume the workload made (shared and derived)."""
     vols = [Registry.load(p).volume() for p in registries]
-    for name in sorted(os.listdir(derived_dir)) if os.path.isdir(derived_dir) else []:
-        with open(os.path.join(derived_dir, name)) as f:
-            d = json.load(f)
-        vols.append(Volume(id=d["id"], size=d["size"], provider_location=d["share"]))
+    vols += [
+        Volume(id=d["id"], size=d["size"], provider_location=d["share"])
+        for d in _derived(derived_dir)
+    ]
+    for volume_id, left in _failed_copies(driver, derived_dir).items():
+        for share in driver.shares if left else []:
+            vols.append(Volume(id=volume_id, provider_location=share))
     for vol in vols:
         driver.delete_volume(vol)

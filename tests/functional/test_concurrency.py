@@ -73,4 +73,25 @@ def test_workload_keeps_every_chain_intact(tmp_path, backend, request):
 def test_without_locks_the_checks_catch_the_damage(tmp_path):
     results, report = _run(tmp_path, provider="tests.functional.nolock.NoLockProvider")
     errors = [e for r in results for e in r["errors"]]
-    assert errors or report["problems"], "no locks and nothing caught: the checks have no teeth"
+    # The post-run checks themselves must see the damage: worker errors alone
+    # (often the .info fencing doing its job) would not prove they have teeth.
+    assert report["problems"], f"no locks and the checks found nothing ({len(errors)} errors)"
+
+
+def test_files_left_by_a_failed_copy_are_found_and_cleaned(tmp_path):
+    """A clone or copy that failed half-way must not leave its files unnoticed."""
+    driver = v.start_driver(v.write_config(str(tmp_path)))
+    try:
+        registries = workload.prepare(driver, driver.conf, 1)
+        derived = os.path.join(workload.registry_dir(driver.conf), "derived")
+        os.makedirs(derived)
+        lost = "0b5e55ed-0000-4000-8000-000000000001"
+        open(os.path.join(derived, f"{lost}.pending"), "w").close()
+        share = driver.share_path(driver.shares[0])
+        open(os.path.join(share, f".volume-{lost}.tmp"), "w").close()
+        report = workload.verify(driver, registries, derived)
+        assert report["problems"] == [f"a failed copy to volume {lost} left ['.volume-{lost}.tmp']"]
+        workload.cleanup(driver, registries, derived)
+        assert not [n for n in os.listdir(share) if lost in n]
+    finally:
+        service.stop()
