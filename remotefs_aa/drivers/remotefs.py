@@ -436,22 +436,30 @@ class RemoteFSDriver(VolumeDriver):
     def _provisioned_bytes(self, share: str) -> int:
         """Provisioned size of ``share``: counted, and rescanned now and then.
 
-        A rescan lists the share once (sizes of the base files: apparent size
-        of raw files, header size of qcow2 ones), so other hosts' volumes are
-        counted too, without a ``du`` of every file on every poll.
+        A rescan lists the share once, so other hosts' volumes are counted
+        too, without a ``du`` of every file on every poll. A raw volume
+        without snapshots counts its apparent size; one with snapshots or in
+        qcow2 its active image's virtual size (an extend grows only the top
+        of a chain), read with its headers in one round trip.
         """
         interval = self.conf.provisioned_capacity_refresh_interval
         now = time.monotonic()
         if share not in self._scanned_at or now - self._scanned_at[share] >= interval:
             path = self.share_path(share)
             files = self.io.list_directory(path)
+            with_overlays = {
+                n.split(".", 1)[0]
+                for n in files
+                if n.startswith("volume-") and "." in n and not n.endswith(".info")
+            }
             sizes: dict[str, int] = {}
             for name, size in files.items():
                 if name.startswith("volume-") and "." not in name:
-                    if self.volume_format == "qcow2":
+                    if self.volume_format == "qcow2" or name in with_overlays:
                         try:
-                            size = self.io.image_chain(os.path.join(path, name))[0]["virtual_size"]
-                        except (exception.RemoteFSAAError, OSError):
+                            seen = self.io.volume_state(path, name, self.volume_format)
+                            size = max(link["virtual_size"] for link in seen["chain"] or [])
+                        except (exception.RemoteFSAAError, OSError, ValueError):
                             pass  # being created or deleted right now: its listed size
                     sizes[name[len("volume-") :]] = size
             with self._stats_lock:

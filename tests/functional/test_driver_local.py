@@ -279,3 +279,20 @@ def test_every_driver_method_in_the_rootwrap_modes(tmp_path, mode):
         v.exercise_every_method(driver, "raw-sparse", "local")
     finally:
         service.stop()
+
+
+def test_rescanned_capacity_counts_an_extended_chain_at_its_top(tmp_path):
+    """An extend grows only the top of a chain; a rescan must not count the base's size."""
+    drv = v.start_driver(v.write_config(str(tmp_path), provisioned_capacity_refresh_interval=0))
+    try:
+        before = drv.get_volume_stats()["provisioned_capacity_gb"]
+        vol = v.new_volume(drv)
+        drv.create_snapshot(Snapshot(vol))
+        drv.extend_volume(vol, 3)
+        plain = v.new_volume(drv, size=2)
+        stats = drv.get_volume_stats()
+        assert stats["provisioned_capacity_gb"] - before == pytest.approx(5, abs=0.01)
+        for volume in (vol, plain):
+            drv.delete_volume(volume)
+    finally:
+        service.stop()
