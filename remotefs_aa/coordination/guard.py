@@ -121,12 +121,14 @@ def _acquire_one(
     blocking: bool,
     deadline: float | None,
     warn_every: float,
-    turn: Lock | None = None,
+    turn: Callable[[], Lock] | None = None,
 ) -> None:
     """Acquire ``lock`` or raise; never returns without holding it.
 
-    ``turn``: while waiting, hold this companion lock (if free) to tell the
-    holder someone wants a turn (see :func:`_yield_if_wanted`).
+    ``turn``: makes the companion lock to hold (if free) while waiting, to
+    tell the holder someone wants a turn (see :func:`_yield_if_wanted`).
+    Made only on the slow path: on some backends (tooz's MySQL driver opens
+    a connection per lock object) making a lock costs a round trip.
     """
     # Uncontended fast path: one non-blocking attempt, no wait bookkeeping.
     if lock.acquire(blocking=False):
@@ -137,13 +139,14 @@ def _acquire_one(
     got = False
     if remaining is None or remaining > 0:
         token = _WATCH.add(lock.name, warn_every)
-        announced = _try(turn)
+        companion = turn() if turn is not None else None
+        announced = _try(companion)
         try:
             got = lock.acquire(blocking=True, timeout=remaining)
         finally:
             _WATCH.remove(token)
-            if announced and turn is not None:
-                _release_all([turn], "turn request")
+            if announced and companion is not None:
+                _release_all([companion], "turn request")
     if not got:
         raise exception.LockTimeout(
             lock.name,
@@ -182,7 +185,7 @@ def locked(
     handoff = 0.0 if prov.fair else settings.handoff_interval
     try:
         for name in ordered:
-            turn = prov.get_lock(name + TURN_SUFFIX) if handoff else None
+            turn = functools.partial(prov.get_lock, name + TURN_SUFFIX) if handoff else None
             if turn is not None:
                 _yield_if_wanted(name, turn, handoff)
             lock = prov.get_lock(name)
@@ -220,6 +223,8 @@ def locked(
 
 #: When this process last released each lock (for the hand-off pause).
 _RELEASED: dict[str, float] = {}
+#: When this process last looked for a turn request on each lock.
+_CHECKED: dict[str, float] = {}
 #: Suffix of the companion lock a waiter holds to ask for a turn.
 TURN_SUFFIX = "-turn"
 
@@ -233,7 +238,7 @@ def _try(lock: Lock | None) -> bool:
         return False
 
 
-def _yield_if_wanted(name: str, turn: Lock, interval: float) -> None:
+def _yield_if_wanted(name: str, turn: Callable[[], Lock], interval: float) -> None:
     """Give a waiter its turn before taking ``name`` again, if one asked.
 
     Polling waiters (every backend but ZooKeeper) sleep up to 0.05 s between
@@ -244,13 +249,22 @@ def _yield_if_wanted(name: str, turn: Lock, interval: float) -> None:
     ``interval`` of its own release checks that lock (one non-blocking try)
     and, if a waiter holds it, pauses for ``interval`` so the waiter's next
     poll wins. Sequential work on one volume by one process pays only the
-    check, not the pause.
+    check, not the pause, and at most once per ``interval``: a waiter holds
+    the turn lock for as long as it waits, so looking once per interval still
+    sees it within one interval, while a tight loop of short operations does
+    not double its backend round trips (measured: +100 % on Redis, etcd and
+    SQL per lock when checking on every re-take).
     """
     released = _RELEASED.pop(name, None)
-    if released is None or time.monotonic() - released >= interval:
+    now = time.monotonic()
+    if released is None or now - released >= interval:
         return
-    if _try(turn):
-        _release_all([turn], "turn check")
+    if now - _CHECKED.get(name, -interval) < interval:
+        return
+    _CHECKED[name] = now
+    companion = turn()
+    if _try(companion):
+        _release_all([companion], "turn check")
         return
     LOG.debug("lock %s: another process asked for a turn; pausing %.3f s", name, interval)
     time.sleep(interval)
@@ -260,9 +274,10 @@ def _remember_release(names: list[str], interval: float) -> None:
     now = time.monotonic()
     for name in names:
         _RELEASED[name] = now
-    if len(_RELEASED) > 4096:  # forget old names; only the last moments matter
-        for key in [k for k, t in _RELEASED.items() if t < now - interval]:
-            _RELEASED.pop(key, None)
+    for seen in (_RELEASED, _CHECKED):
+        if len(seen) > 4096:  # forget old names; only the last moments matter
+            for key in [k for k, t in seen.items() if t < now - interval]:
+                seen.pop(key, None)
 
 
 def _release_all(held: list[Lock], what: str) -> None:

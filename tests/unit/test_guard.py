@@ -274,21 +274,37 @@ def test_retaking_a_lock_at_once_pauses_only_when_someone_asked_for_a_turn(monke
     prov = MemoryProvider(make_conf(lock_handoff_interval=0.2))
     prov.start()
     slept: list[float] = []
+    clock = [1000.0]
     monkeypatch.setattr(guard.time, "sleep", slept.append)
+    monkeypatch.setattr(guard.time, "monotonic", lambda: clock[0])
     guard._RELEASED.clear()
-    with coordination.locked("vol-1", provider=prov):
-        pass
-    with coordination.locked("vol-2", provider=prov):  # another name: no pause
-        pass
-    assert slept == []
-    with coordination.locked("vol-1", provider=prov):  # the same name, nobody waiting
-        pass
-    assert slept == []
+    guard._CHECKED.clear()
+    turn_name = "remotefs_aa-vol-1" + guard.TURN_SUFFIX
+
+    def checks() -> int:
+        return sum(1 for e in prov.events if e[0] == "try" and e[1] == turn_name)
+
+    def step(name: str, later: float) -> None:
+        clock[0] += later
+        with coordination.locked(name, provider=prov):
+            pass
+
+    step("vol-1", 0)
+    step("vol-2", 0.001)  # another name: no check, no pause
+    assert slept == [] and checks() == 0
+    step("vol-1", 0.001)  # the same name at once, nobody waiting: one check, no pause
+    assert slept == [] and checks() == 1
+    step("vol-1", 0.001)  # again within the interval of that check: not even a check
+    assert checks() == 1
     # Another process waits, and says so by holding the turn lock.
-    turn = prov.get_lock("remotefs_aa-vol-1" + guard.TURN_SUFFIX)
+    turn = prov.get_lock(turn_name)
     assert turn.acquire(blocking=False)
+    step("vol-1", 0.001)  # still within the interval of the last check
+    assert slept == []
+    clock[0] += 0.25  # the last check is an interval old; the release is recent
     with coordination.locked("vol-1", provider=prov):
         pass
+    step("vol-1", 0.001)
     assert slept == [0.2]
     turn.release()
 
@@ -301,6 +317,7 @@ def test_fair_providers_and_zero_interval_never_pause(monkeypatch):
             prov.fair = True
         prov.start()
         guard._RELEASED.clear()
+        guard._CHECKED.clear()
         for _ in range(3):
             with coordination.locked("vol-1", provider=prov):
                 pass
