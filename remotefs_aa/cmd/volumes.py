@@ -510,8 +510,11 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         print()
         print(
             table(
-                [[w["pid"], w["operations"], w["lock_wait_max_s"]] for w in out["per_worker"]],
-                ["worker pid", "operations", "worst lock wait s"],
+                [
+                    [w["pid"], w["operations"], round(w["lock_wait_max_s"] * 1000, 1)]
+                    for w in out["per_worker"]
+                ],
+                ["worker pid", "operations", "worst lock wait ms"],
             )
         )
         c = report["checked"]
