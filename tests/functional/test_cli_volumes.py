@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 
 import pytest
 
-from tests import run_cli
+from tests import REPO, run_cli
 from tests.functional import volumes as v
 
 pytestmark = pytest.mark.functional
@@ -66,6 +68,35 @@ def test_volume_from_an_image_file_and_export(tmp_path):
     assert proc.returncode == 1
     assert "says disk_format 'raw' but the file is 'qcow2'" in proc.stderr
     assert [item["id"] for item in _json(config, "volume", "list")] == [vol["id"]]
+    _json(config, "volume", "delete", vol["id"])
+
+
+def test_busy_volume_is_a_clear_error_and_nothing_changes(tmp_path):
+    """Another service holds the volume's lock: the operation waits its timeout, then says so."""
+    config = v.write_config(str(tmp_path))
+    with open(config, "a") as f:
+        f.write("lock_acquire_timeout = 0.5\n")  # appended to [coordination]
+    vol = _json(config, "volume", "create", "--size", "1")
+    ready = tmp_path / "holding"
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "remotefs_aa.cmd.main", "--config-file", config, "lock", "run",
+         vol["id"], "--", "sh", "-c", f"touch {ready}; sleep 30"],
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the holder never took the lock"
+        proc = run_cli("--config-file", config, "snapshot", "create", vol["id"], timeout=60)
+        assert proc.returncode == 75, proc.stderr
+        assert f"remotefs_aa-{vol['id']}" in proc.stderr and "timed out" in proc.stderr
+        assert "lock_acquire_timeout" in proc.stderr  # what to do about it
+    finally:
+        holder.kill()
+        holder.wait()
+    shown = _json(config, "volume", "show", vol["id"])
+    assert shown["snapshots"] == {} and shown["problems"] == []
     _json(config, "volume", "delete", vol["id"])
 
 
