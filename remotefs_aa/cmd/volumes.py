@@ -176,18 +176,17 @@ def cmd_volume_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_service(path: str) -> tuple[DirectoryImageService, str]:
-    return DirectoryImageService(os.path.dirname(os.path.abspath(path)), sidecars=False), (
-        os.path.basename(path)
-    )
+def _image_service(path: str, disk_format: str | None = None) -> tuple[DirectoryImageService, str]:
+    """The image service for an operator's own file ``path``, and the file's image id."""
+    directory = os.path.dirname(os.path.abspath(path))
+    images = DirectoryImageService(directory, sidecars=False, disk_format=disk_format)
+    return images, os.path.basename(path)
 
 
 def _create_from_image(driver: Any, vol: Volume, args: argparse.Namespace) -> dict:
     """A new volume filled from an image file; removed again if the image is refused."""
-    images, image_id = _image_service(args.image)
+    images, image_id = _image_service(args.image, args.image_format)
     images.show(None, image_id)  # a missing file fails before anything is created
-    if args.image_format:
-        images = _StatedFormat(images, args.image_format)
     update = driver.create_volume(vol)
     vol.provider_location = update["provider_location"]
     try:
@@ -196,20 +195,6 @@ def _create_from_image(driver: Any, vol: Volume, args: argparse.Namespace) -> di
         driver.delete_volume(vol)
         raise
     return update
-
-
-class _StatedFormat:
-    """An image service whose images claim ``disk_format`` (the --image-format flag)."""
-
-    def __init__(self, inner: DirectoryImageService, disk_format: str) -> None:
-        self.inner = inner
-        self.disk_format = disk_format
-
-    def show(self, context: Any, image_id: str) -> dict:
-        return {**self.inner.show(context, image_id), "disk_format": self.disk_format}
-
-    def download(self, context: Any, image_id: str, data: Any) -> None:
-        self.inner.download(context, image_id, data)
 
 
 def cmd_volume_export(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:

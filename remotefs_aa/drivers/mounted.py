@@ -166,9 +166,7 @@ class MountedShareDriver(RemoteFSDriver):
         super().check_for_setup_error()
 
     def _check_mount_base(self) -> None:
-        base = os.path.realpath(self.mount_base)
-        allowed = [os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p]
-        if not any(base.startswith(a.rstrip("/") + "/") for a in allowed):
+        if not self.daemon_may_act_in(self.mount_base):
             raise exception.InvalidConfig(
                 f"[DEFAULT] {self.driver_name}_mount_point_base",
                 self.mount_base,

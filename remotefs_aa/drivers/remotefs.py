@@ -15,6 +15,7 @@ daemon). Everything else is here, once:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -108,10 +109,9 @@ class RemoteFSDriver(VolumeDriver):
             self.ensure_share_ready(share)
 
     def check_for_setup_error(self) -> None:
-        allowed = [os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p]
         for share in self._shares:
             path = os.path.realpath(self.share_path(share))
-            if not any(path == a or path.startswith(a.rstrip("/") + "/") for a in allowed):
+            if not self.daemon_may_act_in(path):
                 raise exception.InvalidConfig(
                     "[privileged] allowed_paths",
                     self.conf.privileged.allowed_paths,
@@ -121,6 +121,19 @@ class RemoteFSDriver(VolumeDriver):
             self.io.list_directory(path)
 
     # -- helpers -------------------------------------------------------------
+
+    def daemon_may_act_in(self, directory: str) -> bool:
+        """Whether files in ``directory`` lie under ``[privileged] allowed_paths``.
+
+        The privileged daemon refuses every path outside them, so a share,
+        mount base or conversion directory elsewhere is a configuration error
+        to report at once, not a refusal on the first operation.
+        """
+        real = os.path.realpath(directory)
+        return any(
+            real == base or real.startswith(base.rstrip("/") + "/")
+            for base in (os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p)
+        )
 
     def _share_of(self, volume: Any) -> str:
         share = getattr(volume, "provider_location", None)
@@ -383,8 +396,7 @@ class RemoteFSDriver(VolumeDriver):
     def _conversion_file(self, name: str) -> str:
         """A fresh file name in ``image_conversion_dir`` (created as this process)."""
         directory = os.path.realpath(self.conf.image_conversion_dir)
-        allowed = [os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p]
-        if not any(directory.startswith(a.rstrip("/") + "/") for a in allowed):
+        if not self.daemon_may_act_in(directory):
             raise exception.InvalidConfig(
                 "[DEFAULT] image_conversion_dir",
                 self.conf.image_conversion_dir,
@@ -399,13 +411,12 @@ class RemoteFSDriver(VolumeDriver):
         path = os.path.join(directory, f"{name}.{os.getpid()}.{time.monotonic_ns()}")
         return path
 
-    def _remove_conversion_file(self, path: str) -> None:
-        try:
+    @staticmethod
+    def _remove_conversion_file(path: str) -> None:
+        # The directory is this process's own, so it may unlink whatever the
+        # daemon wrote there.
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except PermissionError:
-            self.io.unlink(path)  # left root-owned by a failed convert
 
     def initialize_connection(self, volume: Any, connector: dict) -> dict:
         """os-brick connection info, from a lock-free read of the atomically written .info."""

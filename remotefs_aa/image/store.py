@@ -23,12 +23,13 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")
 CHUNK = 4 * 1024 * 1024
 
 
-def _data_segments(src: BinaryIO) -> list[tuple[int, int]] | None:
-    """(start, end) of each allocated range of a real file; None if it cannot tell."""
+def _data_segments(src: BinaryIO) -> tuple[int, list[tuple[int, int]]] | None:
+    """A real file's size and (start, end) of each allocated range; None if it cannot tell."""
     try:
         fd = src.fileno()
         size = os.fstat(fd).st_size
-        segments, pos = [], 0
+        segments: list[tuple[int, int]] = []
+        pos = 0
         while pos < size:
             try:
                 start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -40,7 +41,7 @@ def _data_segments(src: BinaryIO) -> list[tuple[int, int]] | None:
             segments.append((start, pos))
     except (AttributeError, OSError, io.UnsupportedOperation):
         return None
-    return segments
+    return size, segments
 
 
 def copy_sparse(src: BinaryIO, dst: BinaryIO) -> int:
@@ -51,11 +52,11 @@ def copy_sparse(src: BinaryIO, dst: BinaryIO) -> int:
     by range (SEEK_DATA / SEEK_HOLE); a stream is read whole, and in both
     cases chunks of zeros become holes.
     """
-    segments = _data_segments(src)
-    size = os.fstat(src.fileno()).st_size if segments is not None else None
+    found = _data_segments(src)
+    size, ranges = found if found is not None else (None, [(0, None)])
     zero = bytes(CHUNK)
     pos = written = 0
-    for start, stop in segments if segments is not None else [(0, None)]:
+    for start, stop in ranges:
         if stop is not None:
             src.seek(start)
         pos = start
@@ -81,12 +82,17 @@ class DirectoryImageService:
     """Images as files in ``directory``; image ids are file names in it.
 
     ``sidecars=False`` (the CLI, on an operator's own files) writes no
-    ``<id>.json`` on upload; one that exists is still read.
+    ``<id>.json`` on upload; one that exists is still read. ``disk_format``
+    is what ``show`` states for every image, whatever a sidecar says (the
+    CLI's ``--image-format``).
     """
 
-    def __init__(self, directory: str, sidecars: bool = True) -> None:
+    def __init__(
+        self, directory: str, sidecars: bool = True, disk_format: str | None = None
+    ) -> None:
         self.directory = os.path.abspath(directory)
         self.sidecars = sidecars
+        self.disk_format = disk_format
 
     def _path(self, image_id: str) -> str:
         if (
@@ -114,7 +120,10 @@ class DirectoryImageService:
             pass
         except ValueError as exc:
             raise exception.ImageRefused(image_id, f"{path}.json is not JSON: {exc}") from None
-        return {"disk_format": None, **meta, "id": image_id, "size": size}
+        shown = {"disk_format": None, **meta, "id": image_id, "size": size}
+        if self.disk_format:
+            shown["disk_format"] = self.disk_format
+        return shown
 
     def download(self, context: Any, image_id: str, data: BinaryIO) -> None:
         """Copy the image's bytes into the open file ``data``."""

@@ -238,6 +238,24 @@ def test_unusable_image_is_refused_and_the_volume_is_untouched(raw_driver, case)
     assert os.listdir(raw_driver.conf.image_conversion_dir) == []
 
 
+def test_conversion_dir_outside_allowed_paths_is_a_clear_error(tmp_path):
+    outside = tmp_path / "elsewhere" / "conversion"  # state_path is tmp_path/state
+    drv = v.start_driver(v.write_config(str(tmp_path), image_conversion_dir=str(outside)))
+    try:
+        images = v.image_store(drv)
+        v.make_image(images, "img", "raw", "64M")
+        vol = v.new_volume(drv)
+        before = v.volume_files(drv, vol)
+        with pytest.raises(exception.InvalidConfig, match="image_conversion_dir.*allowed_paths"):
+            drv.copy_image_to_volume(None, vol, images, "img")
+        with pytest.raises(exception.InvalidConfig, match="image_conversion_dir"):
+            drv.copy_volume_to_image(None, vol, images, {"id": "out"})
+        assert not outside.exists() and v.volume_files(drv, vol) == before
+        drv.delete_volume(vol)
+    finally:
+        service.stop()
+
+
 def test_volume_already_there_is_not_overwritten(raw_driver):
     vol = v.new_volume(raw_driver)
     v.write(raw_driver, vol, 0, 0x66)

@@ -50,6 +50,14 @@ def test_service_round_trip_with_metadata(tmp_path):
     assert os.listdir(bare.directory) == ["disk"]
 
 
+def test_stated_disk_format_overrides_the_sidecar(tmp_path):
+    (tmp_path / "img").write_bytes(b"x")
+    (tmp_path / "img.json").write_text('{"disk_format": "qcow2"}')
+    assert DirectoryImageService(str(tmp_path)).show(None, "img")["disk_format"] == "qcow2"
+    stated = DirectoryImageService(str(tmp_path), disk_format="raw")
+    assert stated.show(None, "img")["disk_format"] == "raw"
+
+
 @pytest.mark.parametrize("image_id", ["../etc/shadow", "a/b", "", ".hidden", "x.json"])
 def test_ids_that_are_not_plain_names_are_refused(tmp_path, image_id):
     with pytest.raises(exception.ImageRefused, match="not a plain file name"):
