@@ -112,3 +112,11 @@ def record(name: str, **values: object) -> None:
     if path:
         with open(path, "a") as f:
             f.write(line + "\n")
+
+
+# The unprivileged service user and its sudo rule, for every functional test.
+from tests.functional.unprivileged import (  # noqa: E402, F401
+    rootwrap_dir,
+    service_user,
+    service_venv,
+)
