@@ -4,7 +4,7 @@ Before it touches a volume, remotefs_aa checks the volume's whole snapshot
 chain: format, virtual size, backing file and its format, external data file
 and encryption of every link (``image.chain.trusted_chain``). Those facts sit
 in the first few hundred bytes of each qcow2 file, so
-``remotefs_aa.image.qcow2.read_header`` reads them with one ``read`` per link
+``remotefs_aa.privsep.qcow2.read_header`` reads them with one ``read`` per link
 instead of starting a ``qemu-img`` process. This script measures what that
 saves, on a chain of ``--depth`` qcow2 overlays over a raw base (the layout a
 volume with that many snapshots has), per chain walk:
@@ -53,7 +53,7 @@ from typing import Any
 # Run as a script (python benchmarks/image_header.py): make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import machine_header, machine_meta, percentile, publish, render_table
-from remotefs_aa.image import qcow2
+from remotefs_aa.privsep import qcow2
 
 #: Variants in report order; the first is the baseline of every ratio.
 VARIANTS = ("python", "qemu-img chain", "qemu-img per link")

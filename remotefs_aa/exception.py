@@ -8,30 +8,49 @@ from __future__ import annotations
 
 
 class RemoteFSAAError(Exception):
-    """Base of every error remotefs_aa raises on purpose."""
+    """Base of every error remotefs_aa raises on purpose.
+
+    An error may be raised in the privileged daemon and rebuilt in the
+    service as ``type(exc)(*exc.args)`` (oslo.privsep sends the class name
+    and ``args``). So ``args`` are always the constructor's arguments, and a
+    subclass that builds its message from them overrides :meth:`message`.
+    """
+
+    def message(self) -> str:
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+    def __str__(self) -> str:
+        return self.message()
 
 
 class InvalidConfig(RemoteFSAAError):
     """A configuration value is unusable; raised at start, before any work."""
 
     def __init__(self, option: str, value: object, reason: str) -> None:
+        super().__init__(option, value, reason)
         self.option = option
         self.value = value
         self.reason = reason
-        super().__init__(f"invalid value {value!r} for option {option}: {reason}")
+
+    def message(self) -> str:
+        return f"invalid value {self.value!r} for option {self.option}: {self.reason}"
 
 
 class PluginNotFound(RemoteFSAAError):
     """A configured driver or lock provider name matches no installed plugin."""
 
     def __init__(self, kind: str, name: str, known: list[str], detail: str = "") -> None:
+        super().__init__(kind, name, list(known), detail)
         self.kind = kind
         self.name = name
         self.known = sorted(known)
+        self.detail = detail
+
+    def message(self) -> str:
         listing = ", ".join(self.known) or "none"
-        extra = f" ({detail})" if detail else ""
-        super().__init__(
-            f"unknown {kind} {name!r}{extra}; installed: {listing}. "
+        extra = f" ({self.detail})" if self.detail else ""
+        return (
+            f"unknown {self.kind} {self.name!r}{extra}; installed: {listing}. "
             f"Use one of those names or a dotted path 'package.module.Class'."
         )
 
@@ -52,7 +71,10 @@ class LockProviderNotStarted(LockError):
     """Code asked for a lock before the service started a lock provider."""
 
     def __init__(self) -> None:
-        super().__init__(
+        super().__init__()
+
+    def message(self) -> str:
+        return (
             "no lock provider is running: the service must call "
             "remotefs_aa.coordination.start(conf) before any locked operation"
         )
@@ -62,9 +84,12 @@ class LockAcquireFailed(LockError):
     """A lock was not acquired; the code it protects did not run."""
 
     def __init__(self, name: str, reason: str) -> None:
+        super().__init__(name, reason)
         self.name = name
         self.reason = reason
-        super().__init__(f"could not acquire lock {name}: {reason}")
+
+    def message(self) -> str:
+        return f"could not acquire lock {self.name}: {self.reason}"
 
 
 class LockTimeout(LockAcquireFailed):
@@ -108,7 +133,7 @@ class PrivilegedCommandFailed(PrivilegedError):
         self.returncode = returncode
         self.stderr = stderr
 
-    def __str__(self) -> str:
+    def message(self) -> str:
         how = "timed out" if self.returncode == -1 else f"failed with exit code {self.returncode}"
         detail = self.stderr.strip()[-2000:]
         return f"{self.command} {how}" + (f": {detail}" if detail else "")
@@ -122,9 +147,14 @@ class PrivilegedDaemonLost(PrivilegedHelperUnavailable):
     """The connection to a running privileged daemon broke during a call."""
 
     def __init__(self, section: str, cause: object) -> None:
-        super().__init__(
-            f"lost the privileged daemon [{section}] ({cause}); the call may have run "
-            f"in part. The next call starts a new daemon, and the next operation on the "
+        super().__init__(section, str(cause))
+        self.section = section
+        self.cause = str(cause)
+
+    def message(self) -> str:
+        return (
+            f"lost the privileged daemon [{self.section}] ({self.cause}); the call may have "
+            f"run in part. The next call starts a new daemon, and the next operation on the "
             f"volume finishes or rolls back what this one left: retry it"
         )
 
@@ -139,9 +169,12 @@ class _FileRefused(VolumeError):
     template = "{path}: {reason}"
 
     def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
         self.path = path
         self.reason = reason
-        super().__init__(self.template.format(path=path, reason=reason))
+
+    def message(self) -> str:
+        return self.template.format(path=self.path, reason=self.reason)
 
 
 class InvalidImage(_FileRefused):
@@ -173,18 +206,25 @@ class StaleInfoGeneration(VolumeError):
     """
 
     def __init__(self, path: str, expected: int, found: int | None) -> None:
+        super().__init__(path, expected, found)
         self.path = path
         self.expected = expected
         self.found = found
-        super().__init__(
-            f"refusing to write {path}: it was at generation {expected} when read and is "
-            f"now at {found}; another service changed this chain (did our lock lapse?). "
-            f"Retry the operation; it re-reads the chain under the lock."
+
+    def message(self) -> str:
+        return (
+            f"refusing to write {self.path}: it was at generation {self.expected} when read "
+            f"and is now at {self.found}; another service changed this chain (did our lock "
+            f"lapse?). Retry the operation; it re-reads the chain under the lock."
         )
 
 
 class VolumeNotFound(VolumeError):
     """The volume's file does not exist on the share."""
+
+
+class InvalidVolume(VolumeError):
+    """The volume cannot be used as asked (a bad id, a size it cannot take)."""
 
 
 class SnapshotNotFound(VolumeError):
@@ -207,6 +247,9 @@ class ImageRefused(VolumeError):
     """An image to copy into a volume is unusable (format, size, backing or data file)."""
 
     def __init__(self, image_id: str, reason: str) -> None:
+        super().__init__(image_id, reason)
         self.image_id = image_id
         self.reason = reason
-        super().__init__(f"image {image_id} refused: {reason}. No volume was changed.")
+
+    def message(self) -> str:
+        return f"image {self.image_id} refused: {self.reason}. No volume was changed."

@@ -140,7 +140,16 @@ privileged_opts = [
             ("sudo_rootwrap", "one 'sudo oslo-rootwrap' per call: the legacy, slow way"),
             ("direct", "run in this process; only when it is already root (tests)"),
         ],
-        help="How privileged operations run. Driver code calls the same functions in every mode.",
+        help="How privileged operations run. Driver code calls the same functions in every "
+        "mode. The two rootwrap modes are legacy: rootwrap runs commands by path, so they "
+        "trust the service user with root (the service warns at start); privsep does not.",
+    ),
+    cfg.BoolOpt(
+        "use_rootwrap_daemon",
+        default=False,
+        deprecated_group="DEFAULT",
+        help="The seed's name for mode = rootwrap_daemon: true selects that mode when "
+        "mode is left at its default.",
     ),
     cfg.StrOpt(
         "root_helper",
@@ -160,10 +169,11 @@ privileged_opts = [
         "allowed_paths",
         default=["$state_path"],
         help="Directories under which privileged file operations, qemu-img and "
-        "mount points may act. Every path argument is resolved (symlinks, "
-        "'..') and refused unless it lies under one of these. The mount point "
-        "bases, shares and image_conversion_dir must lie under them (the "
-        "service refuses to start otherwise).",
+        "mount points may act. Every path argument must lie under one of these; "
+        "below it no '..' and no symbolic link is accepted (the daemon opens "
+        "paths without following links). The mount point bases, shares and "
+        "image_conversion_dir must lie under them (the service refuses to "
+        "start otherwise).",
     ),
     cfg.IntOpt(
         "command_timeout",

@@ -14,7 +14,7 @@ elif [[ $(id -u) -ne 0 ]]; then
     # The default state_path (/var/lib/remotefs_aa) needs root; use a user dir.
     conf="${XDG_STATE_HOME:-$HOME/.local/state}/remotefs_aa/remotefs_aa.conf"
     mkdir -p "$(dirname "$conf")"
-    [[ -f "$conf" ]] || printf '[DEFAULT]\nstate_path = %s\n' "$(dirname "$conf")" > "$conf"
+    [[ -f "$conf" ]] || printf '[DEFAULT]\nstate_path = %s/state\n' "$(dirname "$conf")" > "$conf"
     rfsaa+=(--config-file "$conf")
 fi
 

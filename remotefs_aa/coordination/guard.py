@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import string
 import threading
 import time
@@ -46,12 +47,24 @@ def get_provider() -> LockProvider:
     return _provider
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,200}$")
+
+
+def _checked(name: str) -> str:
+    if not _SAFE_NAME.match(name):
+        raise exception.LockNameError(
+            f"lock name {name!r} may hold letters, digits and ._:@+=- only (file-based "
+            f"backends make a file of it); the operation did not run"
+        )
+    return name
+
+
 def lock_names(names: Collection[str]) -> list[str]:
     """Prefix, de-duplicate and sort lock names: the one acquisition order."""
     if len(names) == 1:  # the common case, without a set and a sort
         (name,) = names
-        return [name if name.startswith(LOCK_PREFIX) else LOCK_PREFIX + name]
-    prefixed = {n if n.startswith(LOCK_PREFIX) else LOCK_PREFIX + n for n in names}
+        return [_checked(name if name.startswith(LOCK_PREFIX) else LOCK_PREFIX + name)]
+    prefixed = {_checked(n if n.startswith(LOCK_PREFIX) else LOCK_PREFIX + n) for n in names}
     return sorted(prefixed)
 
 

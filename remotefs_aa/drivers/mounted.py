@@ -37,14 +37,17 @@ class ShareMountFailed(exception.VolumeError):
     """A share could not be mounted; nothing was left mounted or created."""
 
     def __init__(self, share: str, mountpoint: str, errors: list[str]) -> None:
+        super().__init__(share, mountpoint, list(errors))
         self.share = share
         self.mountpoint = mountpoint
         self.errors = errors
-        detail = "; ".join(errors[-3:])
-        super().__init__(
-            f"could not mount share {share} at {mountpoint} after {len(errors)} attempt(s): "
-            f"{detail}. Check that the server exports it to this host and that the "
-            f"mount options are right"
+
+    def message(self) -> str:
+        detail = "; ".join(self.errors[-3:])
+        return (
+            f"could not mount share {self.share} at {self.mountpoint} after "
+            f"{len(self.errors)} attempt(s): {detail}. Check that the server exports it to "
+            f"this host and that the mount options are right"
         )
 
 
@@ -120,8 +123,12 @@ class MountedShareDriver(RemoteFSDriver):
         self._decide_secure(share)
 
     def _mount(self, share: str, mountpoint: str) -> None:
-        from remotefs_aa.privsep import mount
+        from remotefs_aa.privsep import files, mount
 
+        # The mount point is made by the file daemon (as this service's user):
+        # the mount daemon holds CAP_SYS_ADMIN only and may not write in a
+        # directory the service owns, such as its state_path.
+        files.make_directory(mountpoint, 0o755)
         errors: list[str] = []
         attempts = max(1, int(self.option("mount_attempts")))
         for attempt in range(1, attempts + 1):

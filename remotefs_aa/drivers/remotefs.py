@@ -147,21 +147,26 @@ class RemoteFSDriver(VolumeDriver):
         """The snapshot chain of ``volume`` (on its share, or on ``share``)."""
         share = share or self._share_of(volume)
         return Chain(
-            self.io_for(share), self.share_path(share), volume.id, volume.size, self.volume_format
+            self.io_for(share),
+            self.share_path(share),
+            volume.id,
+            volume.size,
+            self.volume_format,
+            self.file_mode(share),
         )
 
     def io_for(self, share: str) -> ImageIO:
         """How file operations on ``share`` run (the privileged daemon by default)."""
         return self.io
 
-    def file_mode(self, share: str) -> int | None:
-        """Mode for new volume files on ``share``; None keeps what was created."""
-        return None
+    def file_mode(self, share: str) -> int:
+        """Mode of every file a volume gets on ``share`` (its .info file: without "other").
 
-    def _set_mode(self, share: str, path: str) -> None:
-        mode = self.file_mode(share)
-        if mode is not None:
-            self.io_for(share).chmod(path, mode)
+        0660: the service's user and group (a compute host's qemu in that
+        group) read and write; nobody else. The mounted drivers follow
+        Cinder's ``nas_secure_file_permissions``.
+        """
+        return 0o660
 
     def local_path(self, volume: Any) -> str:
         """The volume's base file, as Cinder's ``local_path``."""
@@ -175,7 +180,6 @@ class RemoteFSDriver(VolumeDriver):
         started = time.monotonic()
         chain = self.chain(volume, share)
         chain.create_base(self.volume_format, "thick" if self.thick else "thin")
-        self._set_mode(share, chain.path(chain.base))
         self._account(share, volume.id, volume.size * GiB)
         LOG.info(
             "volume %s: created on %s (%s%s, %d GiB) in %.0f ms",
@@ -227,7 +231,6 @@ class RemoteFSDriver(VolumeDriver):
         started = time.monotonic()
         chain = self.chain(volume, share)
         chain.create_from(src, src_fmt, src_size, self.volume_format, not self.thick)
-        self._set_mode(share, chain.path(chain.base))
         self._account(share, volume.id, volume.size * GiB)
         LOG.info(
             "volume %s: created on %s as %s in %.0f ms",
@@ -312,21 +315,34 @@ class RemoteFSDriver(VolumeDriver):
 
     def _checked_image(self, path: str, image_id: str, meta: dict, volume: Any) -> ImageInfo:
         from remotefs_aa.image import qemu
+        from remotefs_aa.privsep import qcow2
 
-        try:
-            info = qemu.info(path)[0]  # probed: the file decides, the metadata must agree
-        except exception.PrivilegedCommandFailed as exc:
-            raise exception.ImageRefused(image_id, f"qemu-img cannot read it ({exc})") from None
         stated = meta.get("disk_format")
+        try:
+            # Our own header reader says what the file is; qemu-img is then
+            # told the format (it never probes), and it must be the stated one.
+            found = qcow2.read_header(path, follow_symlinks=False).format
+            with open(path, "rb") as f:
+                other = qcow2.foreign_format(f.read(128))
+        except (OSError, exception.InvalidImage) as exc:
+            raise exception.ImageRefused(image_id, f"its header cannot be read ({exc})") from None
         problems = []
-        if info.format not in ("raw", "qcow2"):
-            problems.append(f"its format is {info.format!r}; only raw and qcow2 are accepted")
-        elif stated and stated != info.format:
+        if stated and stated not in ("raw", "qcow2"):
+            problems.append(f"its format is {stated!r}; only raw and qcow2 are accepted")
+        elif other and stated != "raw":
+            problems.append(f"its format is {other!r}; only raw and qcow2 are accepted")
+        elif stated and stated != found:
             problems.append(
                 f"the image service says disk_format {stated!r} but the file is "
-                f"{info.format!r} (a mismatch is how a hostile image gets read as "
+                f"{found!r} (a mismatch is how a hostile image gets read as "
                 f"another format)"
             )
+        if problems:
+            raise exception.ImageRefused(image_id, "; ".join(problems))
+        try:
+            info = qemu.info(path, found)[0]
+        except (exception.PrivilegedCommandFailed, exception.InvalidImage) as exc:
+            raise exception.ImageRefused(image_id, f"qemu-img cannot read it ({exc})") from None
         if info.backing_file:
             problems.append(f"it has a backing file ({info.backing_file!r})")
         if info.data_file:
@@ -344,10 +360,8 @@ class RemoteFSDriver(VolumeDriver):
 
     @synchronized("{volume.id}")
     def _import_image(self, volume: Any, path: str, info: ImageInfo) -> None:
-        share = self._share_of(volume)
         chain = self.chain(volume)
         chain.replace_base(path, info.format, info.virtual_size, not self.thick)
-        self._set_mode(share, chain.path(chain.base))
 
     def copy_volume_to_image(
         self, context: Any, volume: Any, image_service: Any, image_meta: dict
@@ -388,10 +402,8 @@ class RemoteFSDriver(VolumeDriver):
         share = self._share_of(volume)
         chain = self.chain(volume)
         top = chain.trusted_chain(chain.load_recovered())[0]
-        io = self.io_for(share)
-        io.convert(chain.path(top.name), top.format, path, fmt, True)
-        if os.stat(path).st_uid != os.geteuid():
-            io.chown(path, os.geteuid(), os.getegid())  # written by the root daemon
+        # The daemon creates the file as the service's user, for this process to upload.
+        self.io_for(share).convert(chain.path(top.name), top.format, path, fmt, True, 0o600)
 
     def _conversion_file(self, name: str) -> str:
         """A fresh file name in ``image_conversion_dir`` (created as this process)."""

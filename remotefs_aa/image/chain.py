@@ -69,18 +69,17 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from remotefs_aa import exception
+from remotefs_aa.privsep import images
 
 LOG = logging.getLogger(__name__)
 
 GiB = 1024**3
 FORMATS = ("raw", "qcow2")
-_RESERVED = frozenset({"active", "generation", "format", "intent", "info"})
-_SNAP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_RESERVED = frozenset({"active", "generation", "format", "intent", *images.RESERVED_SUFFIXES})
 
 
 class ImageIO(Protocol):
@@ -88,7 +87,7 @@ class ImageIO(Protocol):
 
     def read_text(self, path: str) -> str | None: ...
     def replace_text_if(
-        self, path: str, data: str, expected: str | None, durable: bool = True
+        self, path: str, data: str, expected: str | None, durable: bool = True, mode: int = 0o640
     ) -> str | None: ...
     def unlink(self, path: str) -> bool: ...
     def unlink_many(self, directory: str, names: list[str]) -> list[str]: ...
@@ -99,19 +98,25 @@ class ImageIO(Protocol):
     ) -> dict: ...
     def image_chain(self, path: str, raw: list[str] | None = None) -> list[dict]: ...
     def create(
-        self, path: str, fmt: str, size: int | None, backing: str | None, backing_fmt: str | None
+        self,
+        path: str,
+        fmt: str,
+        size: int | None,
+        backing: str | None,
+        backing_fmt: str | None,
+        mode: int,
     ) -> None: ...
-    def truncate(self, path: str, size: int) -> None: ...
-    def fallocate(self, path: str, size: int) -> None: ...
+    def truncate(self, path: str, size: int, mode: int) -> None: ...
+    def fallocate(self, path: str, size: int, mode: int) -> None: ...
     def commit(self, path: str) -> None: ...
     def rebase_unsafe(self, path: str, backing: str, backing_fmt: str) -> None: ...
     def resize(self, path: str, fmt: str, size: int, skip_backing: bool = False) -> None: ...
-    def convert(self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool) -> None: ...
+    def convert(
+        self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool, mode: int
+    ) -> None: ...
     def check(self, path: str, fmt: str) -> dict: ...
     def qemu_info_chain(self, path: str, fmt: str) -> list[dict]: ...
     def statvfs(self, path: str) -> dict: ...
-    def chmod(self, path: str, mode: int) -> None: ...
-    def chown(self, path: str, uid: int, gid: int) -> None: ...
 
 
 class PrivilegedIO:
@@ -130,9 +135,9 @@ class PrivilegedIO:
             return None
 
     def replace_text_if(
-        self, path: str, data: str, expected: str | None, durable: bool = True
+        self, path: str, data: str, expected: str | None, durable: bool = True, mode: int = 0o640
     ) -> str | None:
-        return self.files.replace_file_if(path, data, expected, durable=durable)
+        return self.files.replace_file_if(path, data, expected, mode=mode, durable=durable)
 
     def unlink(self, path: str) -> bool:
         return self.files.unlink(path)
@@ -155,15 +160,21 @@ class PrivilegedIO:
         return self.qemu.image_chain(path, raw)
 
     def create(
-        self, path: str, fmt: str, size: int | None, backing: str | None, backing_fmt: str | None
+        self,
+        path: str,
+        fmt: str,
+        size: int | None,
+        backing: str | None,
+        backing_fmt: str | None,
+        mode: int,
     ) -> None:
-        self.qemu.qemu_img_create(path, fmt, size, backing, backing_fmt)
+        self.qemu.qemu_img_create(path, fmt, size, backing, backing_fmt, mode)
 
-    def truncate(self, path: str, size: int) -> None:
-        self.files.truncate(path, size)
+    def truncate(self, path: str, size: int, mode: int) -> None:
+        self.files.truncate(path, size, mode)
 
-    def fallocate(self, path: str, size: int) -> None:
-        self.files.fallocate(path, size)
+    def fallocate(self, path: str, size: int, mode: int) -> None:
+        self.files.fallocate(path, size, mode)
 
     def commit(self, path: str) -> None:
         self.qemu.qemu_img_commit(path, "qcow2")
@@ -174,25 +185,22 @@ class PrivilegedIO:
     def resize(self, path: str, fmt: str, size: int, skip_backing: bool = False) -> None:
         self.qemu.qemu_img_resize(path, fmt, size, skip_backing)
 
-    def convert(self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool) -> None:
-        self.qemu.qemu_img_convert(src, src_fmt, dst, dst_fmt, sparse)
+    def convert(
+        self, src: str, src_fmt: str, dst: str, dst_fmt: str, sparse: bool, mode: int
+    ) -> None:
+        self.qemu.qemu_img_convert(src, src_fmt, dst, dst_fmt, sparse, mode)
 
     def check(self, path: str, fmt: str) -> dict:
         return self.qemu.qemu_img_check(path, fmt)
 
     def qemu_info_chain(self, path: str, fmt: str) -> list[dict]:
-        from remotefs_aa.image import qemu
+        from remotefs_aa.image.qemu import ImageInfo
 
-        return [dataclasses.asdict(i) for i in qemu.info(path, fmt, backing_chain=True)]
+        infos = self.qemu.qemu_img_info(path, fmt, backing_chain=True)
+        return [dataclasses.asdict(ImageInfo.from_json(i)) for i in infos]
 
     def statvfs(self, path: str) -> dict:
         return self.files.statvfs(path)
-
-    def chmod(self, path: str, mode: int) -> None:
-        self.files.chmod(path, mode)
-
-    def chown(self, path: str, uid: int, gid: int) -> None:
-        self.files.chown(path, uid, gid)
 
 
 class _Bodies:
@@ -219,7 +227,7 @@ class InProcessIO(PrivilegedIO):
         from remotefs_aa import privsep
 
         # The bodies read their limits (allowed_paths ...) from here.
-        privsep._settings = privsep.Settings(conf)
+        privsep.use(conf)
         self.files = _Bodies(self.files)
         self.qemu = _Bodies(self.qemu)
 
@@ -287,6 +295,24 @@ def parse_info(path: str, text: str, default_format: str) -> ChainState:
     return ChainState(active, snapshots, generation, fmt, intent, text)
 
 
+ID_RULE = (
+    "1 to 128 letters, digits, '-' and '_', starting with a letter or digit "
+    "(Cinder's UUIDs fit); no '.', '/' or spaces"
+)
+
+
+def check_volume_id(volume_id: object) -> str:
+    """A volume id that can name files (``volume-<id>``); InvalidVolume otherwise.
+
+    Checked before anything is made or locked: an id like ``../x`` would
+    name another volume's file, and ``abc.def`` would look like a snapshot
+    of volume ``abc``.
+    """
+    if not images.is_id(volume_id):
+        raise exception.InvalidVolume(f"volume id {volume_id!r} cannot name a file: use {ID_RULE}")
+    return volume_id  # type: ignore[return-value]
+
+
 class Chain:
     """The chain of one volume in one directory; call its methods under the volume's lock."""
 
@@ -297,8 +323,14 @@ class Chain:
         volume_id: str,
         size_gib: int,
         default_format: str = "raw",
+        mode: int = 0o660,
     ) -> None:
+        check_volume_id(volume_id)
         self.io = io
+        #: Mode of every image file of the volume (base, overlays, clones, the
+        #: file a revert makes); the .info file gets it without "other" bits.
+        self.mode = mode
+        self.info_mode = mode & 0o660
         self.directory = directory
         self.volume_id = volume_id
         self.size_bytes = int(size_gib) * GiB
@@ -309,10 +341,6 @@ class Chain:
         #: The .info file is renamed to this when deletion starts (the intent).
         self.deleting_path = self.path(f".{self.base}.deleting")
         self._seen: tuple[ChainState, dict[str, int], list[dict] | None] | None = None
-        # The base and its overlays ("volume-<id>.<snapshot id>"), not the .info file.
-        self._own = re.compile(
-            rf"^{re.escape(self.base)}(?:\.(?!info$)[A-Za-z0-9][A-Za-z0-9_-]*)?$"
-        )
 
     def __repr__(self) -> str:
         return f"Chain({self.base} in {self.directory})"
@@ -320,9 +348,15 @@ class Chain:
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
+    def _own(self, name: object) -> bool:
+        """The base or one of its overlays (``volume-<id>.<snapshot id>``), by exact grammar."""
+        return images.backing_allowed(self.volume_id, name)
+
     def overlay_name(self, snapshot_id: str) -> str:
-        if not _SNAP_ID_RE.match(snapshot_id or "") or snapshot_id in _RESERVED:
-            raise exception.InvalidSnapshot(f"snapshot id {snapshot_id!r} cannot name a file")
+        if not images.is_id(snapshot_id) or snapshot_id in _RESERVED:
+            raise exception.InvalidSnapshot(
+                f"snapshot id {snapshot_id!r} cannot name a file: use {ID_RULE}"
+            )
         return f"{self.base}.{snapshot_id}"
 
     # -- reading -------------------------------------------------------------
@@ -343,9 +377,16 @@ class Chain:
         else:
             state = parse_info(self.info_path, text, self.default_format)
             for name in (state.active, *state.snapshots.values()):
-                if not self._own.match(name):
+                if not self._own(name):
                     raise exception.InvalidInfoFile(
                         self.info_path, f"{name!r} is not a file of volume {self.volume_id}"
+                    )
+            for snap, name in state.snapshots.items():
+                if name == self.base:
+                    raise exception.InvalidInfoFile(
+                        self.info_path,
+                        f"snapshot {snap} names the volume's base {name!r}; a snapshot's "
+                        f"file is the overlay created when it was taken",
                     )
         self._seen = (state, seen["files"], seen["chain"])
         return state
@@ -404,7 +445,7 @@ class Chain:
                     self.path(name), f"the base has a backing file {backing!r}"
                 )
             if backing is not None:
-                if backing not in known or not self._own.match(backing) or backing == name:
+                if backing not in known or not self._own(backing) or backing == name:
                     raise exception.InvalidImage(
                         self.path(name),
                         f"backing file {backing!r} is not one of volume {self.volume_id}'s "
@@ -445,7 +486,7 @@ class Chain:
         new.snapshots = dict(new.snapshots)
         new.generation = state.generation + 1
         text = new.render()
-        current = self.io.replace_text_if(self.info_path, text, state.raw, durable)
+        current = self.io.replace_text_if(self.info_path, text, state.raw, durable, self.info_mode)
         if current is not None:
             found: int | None = None
             try:
@@ -499,7 +540,7 @@ class Chain:
         )
 
     def _checked_name(self, name: str) -> str:
-        if not isinstance(name, str) or not self._own.match(name):
+        if not isinstance(name, str) or not self._own(name):
             raise exception.InvalidInfoFile(self.info_path, f"intent names {name!r}")
         return name
 
@@ -513,11 +554,11 @@ class Chain:
         tmp = self.path(self.tmp_name)
         try:
             if fmt == "qcow2":
-                self.io.create(tmp, "qcow2", self.size_bytes, None, None)
+                self.io.create(tmp, "qcow2", self.size_bytes, None, None, self.mode)
             elif provisioning == "thick":
-                self.io.fallocate(tmp, self.size_bytes)
+                self.io.fallocate(tmp, self.size_bytes, self.mode)
             else:
-                self.io.truncate(tmp, self.size_bytes)
+                self.io.truncate(tmp, self.size_bytes, self.mode)
             return self._publish_tmp(fmt)
         except BaseException:
             self.io.unlink(tmp)
@@ -530,7 +571,7 @@ class Chain:
         self._check_new()
         tmp = self.path(self.tmp_name)
         try:
-            self.io.convert(src, src_fmt, tmp, fmt, sparse)
+            self.io.convert(src, src_fmt, tmp, fmt, sparse, self.mode)
             if src_size < self.size_bytes:
                 self._grow(tmp, fmt, not sparse)
             return self._publish_tmp(fmt)
@@ -556,7 +597,7 @@ class Chain:
             )
         tmp = self.path(self.tmp_name)
         try:
-            self.io.convert(src, src_fmt, tmp, state.format, sparse)
+            self.io.convert(src, src_fmt, tmp, state.format, sparse, self.mode)
             if src_size < self.size_bytes:
                 self._grow(tmp, state.format, not sparse)
             self.io.rename(tmp, self.path(self.base))
@@ -573,9 +614,9 @@ class Chain:
         if fmt == "qcow2":
             self.io.resize(path, "qcow2", self.size_bytes, skip_backing)
         elif thick:
-            self.io.fallocate(path, self.size_bytes)
+            self.io.fallocate(path, self.size_bytes, self.mode)
         else:
-            self.io.truncate(path, self.size_bytes)
+            self.io.truncate(path, self.size_bytes, self.mode)
 
     def _check_new(self) -> None:
         """Refuse to overwrite a volume; remove a crashed create's temp file."""
@@ -604,7 +645,7 @@ class Chain:
         # sweep (the next snapshot of the volume) or the volume's deletion removes.
         self._sweep_orphans(state)
         top = self.trusted_chain(state)[0]
-        self.io.create(self.path(new), "qcow2", self.size_bytes, top.name, top.format)
+        self.io.create(self.path(new), "qcow2", self.size_bytes, top.name, top.format, self.mode)
         snapshots = {**state.snapshots, snapshot_id: new}
         return self.save(state, durable=False, active=new, snapshots=snapshots)
 
@@ -618,7 +659,7 @@ class Chain:
         """
         named = {self.base, state.active, *state.snapshots.values()}
         for name in self._files(state):
-            if self._own.match(name) and name not in named:
+            if self._own(name) and name not in named:
                 LOG.warning(
                     "volume %s: removing orphan %s (an interrupted snapshot create)",
                     self.volume_id,
@@ -722,7 +763,7 @@ class Chain:
         overlay = self._checked_name(intent["file"])
         tmp = self.path(f".{overlay}.revert")
         backing = self._checked_name(intent["backing"])
-        self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"])
+        self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"], self.mode)
         self.io.rename(tmp, self.path(overlay))
         return self.save(state, durable=False, intent=None)
 
@@ -758,7 +799,7 @@ class Chain:
         files = self._files(state)
         marker = os.path.basename(self.deleting_path)
         order = [state.active, *sorted(state.snapshots.values(), reverse=True)]
-        mine = sorted((n for n in files if self._own.match(n)), reverse=True)
+        mine = sorted((n for n in files if self._own(n)), reverse=True)
         hidden = [n for n in files if n.startswith(f".{self.base}.") and n != marker]
         names = []
         for name in [*order, *mine, *hidden, self.base]:
@@ -803,9 +844,7 @@ class Chain:
                 problems.append(f"snapshot {snap}: {name} is not in the chain")
         files = self._files(state)
         for name in files:
-            if (self._own.match(name) or name.startswith(f".{self.base}.")) and (
-                name not in chain_names
-            ):
+            if (self._own(name) or name.startswith(f".{self.base}.")) and (name not in chain_names):
                 problems.append(f"orphan file {name}")
         if deep:
             for link in links:

@@ -46,10 +46,12 @@ class ImageInfo:
         return os.path.basename(self.filename)
 
 
-def info(path: str, fmt: str | None = None, backing_chain: bool = False) -> list[ImageInfo]:
-    """``qemu-img info --output=json -U [--backing-chain]`` through the privileged helper."""
+def info(path: str, fmt: str, backing_chain: bool = False) -> list[ImageInfo]:
+    """``qemu-img info -U -f FMT`` of ``path`` (and every layer below) through the helper.
+
+    The format is always given: qemu-img never guesses one.
+    """
     from remotefs_aa.privsep import qemu
 
-    raw = qemu.qemu_img_info(path, fmt=fmt, backing_chain=backing_chain, force_share=True)
-    items = raw if isinstance(raw, list | tuple) else [raw]  # privsep sends lists as tuples
-    return [ImageInfo.from_json(item) for item in items]
+    raw = qemu.qemu_img_info(path, fmt, backing_chain=backing_chain)
+    return [ImageInfo.from_json(item) for item in raw]

@@ -1,106 +1,180 @@
 """Everything remotefs_aa does as root, on one screen.
 
-Two privilege contexts, each with only the capabilities its job needs and
-its own config section (``helper_command``, ``user``, ``thread_pool_size``):
+Two privilege contexts (stock oslo.privsep: its client, wire format and
+daemon), each with only the capabilities its job needs and its own config
+section (``helper_command``, ``user``, ``thread_pool_size``):
 
 * ``sys_admin_pctxt`` (``[remotefs_aa_privsep_mount]``): CAP_SYS_ADMIN, for
   mount and umount of shares;
 * ``file_pctxt`` (``[remotefs_aa_privsep_files]``): CAP_CHOWN,
-  CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, for qemu-img on
-  root-owned images and for file operations.
+  CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, for qemu-img on images
+  the service cannot open itself and for file operations. Its daemon runs
+  as the *service's* user (uid 0 only if the service is root), so every
+  file it creates belongs to the service, and its qemu-img children run as
+  that user with no capability.
 
 The entrypoints live in ``mount.py``, ``qemu.py`` and ``files.py``; each takes
-typed arguments, checks them with ``confine.py`` inside the daemon, and runs
-one fixed command or system call. None runs an arbitrary argv.
+typed arguments, checks them inside the daemon (``confine.py``,
+``images.py``), opens what it acts on itself, beneath an allowed base and
+without following a link, and runs one fixed command or system call by
+descriptor. None runs an arbitrary argv. ``daemon.py`` is the helper that
+sudo starts: it refuses configs others can write, hardens what children can
+inherit (``caps.py``) and then runs oslo.privsep's daemon.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
+import logging
 import os
 import shlex
 import shutil
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from oslo_config import cfg
-from oslo_privsep import capabilities as caps
+from oslo_privsep import capabilities as pcaps
 from oslo_privsep import daemon as priv_daemon
 from oslo_privsep import priv_context
 
-from remotefs_aa import exception, opts
-from remotefs_aa.privsep import runner
-from remotefs_aa.privsep.lean import HELPER_NAME, LeanContext
+from remotefs_aa import exception
+
+LOG = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+HELPER_NAME = "remotefs-aa-privsep-helper"
 MOUNT_SECTION = "remotefs_aa_privsep_mount"
 FILES_SECTION = "remotefs_aa_privsep_files"
 
-MOUNT_CAPS = [caps.CAP_SYS_ADMIN]
-FILES_CAPS = [caps.CAP_CHOWN, caps.CAP_DAC_OVERRIDE, caps.CAP_DAC_READ_SEARCH, caps.CAP_FOWNER]
+MOUNT_CAPS = [pcaps.CAP_SYS_ADMIN]
+FILES_CAPS = [
+    pcaps.CAP_CHOWN,
+    pcaps.CAP_DAC_OVERRIDE,
+    pcaps.CAP_DAC_READ_SEARCH,
+    pcaps.CAP_FOWNER,
+]
 
-sys_admin_pctxt = LeanContext(
+
+class _Channel(priv_daemon.RootwrapClientChannel):
+    """oslo.privsep's client channel; a daemon lost mid-call is PrivilegedDaemonLost."""
+
+    def remote_call(
+        self, name: str, args: tuple, kwargs: dict, timeout: float | None = None
+    ) -> Any:
+        try:
+            return super().remote_call(name, args, kwargs, timeout)
+        except OSError as exc:
+            # The channel's reader fails every waiting call with a plain
+            # OSError when the daemon goes away; an entrypoint's own
+            # FileNotFoundError & co. arrive as their subclasses.
+            if type(exc) is OSError and not self.running:
+                raise exception.PrivilegedDaemonLost(
+                    self._section,
+                    exc,  # type: ignore[attr-defined]
+                ) from exc
+            raise
+
+
+class Context(priv_context.PrivContext):
+    """A stock PrivContext whose daemon is our helper and whose failures are our errors."""
+
+    def start(self, method: priv_context.Method = priv_context.Method.ROOTWRAP) -> None:
+        """Start the daemon through ``helper_command`` (forking is not offered)."""
+        if method is not priv_context.Method.ROOTWRAP:
+            raise ValueError(f"{self.cfg_section}: only the helper command starts this daemon")
+        with self.start_lock:
+            if self.channel is not None:
+                return
+            said = _HelperWords()
+            try:
+                with said:
+                    channel = _Channel(context=self)
+            except priv_daemon.FailedToDropPrivileges as exc:
+                why = f" ({said.last()})" if said.last() else ""
+                raise exception.PrivilegedHelperUnavailable(
+                    f"could not start the privileged daemon [{self.cfg_section}] with "
+                    f"{self.conf.helper_command!r}: {exc}{why}. Check [privileged] "
+                    f"root_helper and that sudo allows {HELPER_NAME} (etc/remotefs_aa/sudoers.d)"
+                ) from exc
+            channel._section = self.cfg_section  # type: ignore[attr-defined]
+            self.channel = channel
+
+
+class _HelperWords(logging.Handler):
+    """Collects what the helper printed while it started (oslo.privsep logs its stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        # oslo.privsep logs through an oslo.log adapter; handlers live on its logger.
+        self._logger = getattr(priv_daemon.LOG, "logger", priv_daemon.LOG)
+
+    def __enter__(self) -> _HelperWords:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            # The helper's stderr is read by a thread of oslo.privsep; give
+            # it a moment to pass on the last line the helper wrote.
+            deadline = time.monotonic() + 1.0
+            while not self.lines and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._logger.removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("privsep log: "):
+            self.lines.append(text[len("privsep log: ") :])
+
+    def last(self) -> str:
+        return self.lines[-1] if self.lines else ""
+
+
+sys_admin_pctxt = Context(
     "remotefs_aa",
     cfg_section=MOUNT_SECTION,
     pypath=__name__ + ".sys_admin_pctxt",
     capabilities=MOUNT_CAPS,
 )
 
-file_pctxt = LeanContext(
+file_pctxt = Context(
     "remotefs_aa",
     cfg_section=FILES_SECTION,
     pypath=__name__ + ".file_pctxt",
     capabilities=FILES_CAPS,
 )
 
-_CAP_NAMES = {v: k for k, v in caps.CAPS_BYNAME.items()}
+CONTEXTS = {MOUNT_SECTION: sys_admin_pctxt, FILES_SECTION: file_pctxt}
+_CAP_NAMES = {v: k for k, v in pcaps.CAPS_BYNAME.items()}
 
 
-def entrypoint(ctx: priv_context.PrivContext) -> Callable[[F], F]:
-    """``ctx.entrypoint`` plus a clear error when the daemon cannot start.
+def entrypoint(ctx: Context) -> Callable[[F], F]:
+    """``ctx.entrypoint``, keeping the body reachable as ``__wrapped__``.
 
-    oslo.privsep reports a helper that fails (sudo refuses, wrong path) as
-    FailedToDropPrivileges with no hint; callers get
-    PrivilegedHelperUnavailable naming the context, the command and the fix.
+    The body runs in this process in ``direct`` mode, in the rootwrap modes
+    and for ``nas_secure_file_operations`` (as the service's own user).
     """
 
     def decorate(func: F) -> F:
-        inner = ctx.entrypoint(func)
-
-        @functools.wraps(func)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return inner(*args, **kwargs)
-            except priv_daemon.FailedToDropPrivileges as exc:
-                raise exception.PrivilegedHelperUnavailable(
-                    f"could not start the privileged daemon [{ctx.cfg_section}] with "
-                    f"{ctx.conf.helper_command!r}: {exc}. Check [privileged] root_helper "
-                    f"and that sudo allows {HELPER_NAME} (etc/remotefs_aa/sudoers.d)"
-                ) from exc
-
-        # The daemon looks entrypoints up by name and checks this marker.
-        setattr(call, priv_context._ENTRYPOINT_ATTR, ctx)
+        call = ctx.entrypoint(func)
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(call, attr, getattr(func, attr))
+        call.__wrapped__ = func  # type: ignore[attr-defined]
         return call  # type: ignore[return-value]
 
     return decorate
 
 
-CONTEXTS = {MOUNT_SECTION: sys_admin_pctxt, FILES_SECTION: file_pctxt}
-
-# Inside the daemon the options come from the config files the helper
-# was started with, parsed into the global CONF.
-opts.register_opts(cfg.CONF)
-
-
 class Settings:
     """The values the entrypoints enforce, read where they run.
 
-    In the daemon they come from the global CONF (the service's own config
-    files, passed to the helper); in ``direct`` mode from the service's
-    ConfigOpts through :func:`init`.
+    In the daemon they come from the config files the helper was started
+    with (root's); in ``direct`` mode, the rootwrap modes and in-process
+    file operations from the service's ConfigOpts through :func:`use`.
     """
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
@@ -112,14 +186,23 @@ class Settings:
 
 
 _settings: Settings | None = None
+_settings_lock = threading.Lock()
 
 
 def settings() -> Settings:
-    """Current settings; loaded from the global CONF on first use."""
+    """Current settings; in the daemon, loaded from its config on first use."""
     global _settings
     if _settings is None:
-        _settings = Settings(cfg.CONF)
+        with _settings_lock:
+            if _settings is None:
+                _settings = Settings(cfg.CONF)
     return _settings
+
+
+def use(conf: cfg.ConfigOpts) -> None:
+    """Enforce ``conf``'s ``[privileged]`` values for entrypoints run in this process."""
+    global _settings
+    _settings = Settings(conf)
 
 
 def _tool(name: str) -> str:
@@ -128,8 +211,10 @@ def _tool(name: str) -> str:
     return here if os.path.exists(here) else (shutil.which(name) or here)
 
 
-def _helper_command(conf: cfg.ConfigOpts) -> str:
+def helper_command(conf: cfg.ConfigOpts) -> str:
     """``[root_helper] <venv>/bin/remotefs-aa-privsep-helper --config-file ...``."""
+    from remotefs_aa import opts
+
     argv = [*shlex.split(conf.privileged.root_helper or ""), _tool(HELPER_NAME)]
     return shlex.join([*argv, *opts.config_file_args(conf)])
 
@@ -141,9 +226,14 @@ def init(conf: cfg.ConfigOpts) -> None:
     ``helper_command`` (default: root_helper + remotefs-aa-privsep-helper + this
     service's config files; set it in the context's section to override).
     ``direct``: entrypoints run in this process, which must be root.
+    ``rootwrap_daemon`` / ``sudo_rootwrap``: legacy; the bodies run here and
+    their commands gain root through rootwrap (see ``legacy.py``).
     """
-    global _settings
+    from remotefs_aa.privsep import legacy, runner
+
     mode = conf.privileged.mode
+    if mode == "privsep" and conf.privileged.use_rootwrap_daemon:
+        mode = "rootwrap_daemon"
     if mode == "direct":
         if os.geteuid() != 0:
             raise exception.InvalidConfig(
@@ -151,23 +241,20 @@ def init(conf: cfg.ConfigOpts) -> None:
             )
         for ctx in CONTEXTS.values():
             ctx.set_client_mode(False)
-        _settings = Settings(conf)
+        use(conf)
         runner.set_executor(runner.Executor())
         return
     if mode in ("rootwrap_daemon", "sudo_rootwrap"):
-        # The entrypoint bodies run in this process (arguments are checked
-        # here, and again by the rootwrap filters); their commands gain root
-        # through rootwrap.
         for ctx in CONTEXTS.values():
             ctx.set_client_mode(False)
-        _settings = Settings(conf)
+        use(conf)
         helper = shlex.split(conf.privileged.root_helper or "")
         config = conf.privileged.rootwrap_config
         if not os.path.isfile(config):
             raise exception.InvalidConfig(
                 "[privileged] rootwrap_config", config, "no such file; see etc/remotefs_aa/"
             )
-        for allowed in _settings.allowed_paths:
+        for allowed in settings().allowed_paths:
             real = os.path.realpath(allowed).rstrip("/") + "/"
             if os.path.realpath(config).startswith(real):
                 raise exception.InvalidConfig(
@@ -177,6 +264,7 @@ def init(conf: cfg.ConfigOpts) -> None:
                     f"could rewrite their own filters; keep it in a root-only "
                     f"directory such as /etc/remotefs_aa",
                 )
+        LOG.warning(legacy.WARNING, mode)
         if mode == "rootwrap_daemon":
             runner.set_executor(
                 runner.RootwrapDaemonExecutor(helper, _tool("oslo-rootwrap-daemon"), config)
@@ -188,7 +276,7 @@ def init(conf: cfg.ConfigOpts) -> None:
     for section, ctx in CONTEXTS.items():
         ctx.set_client_mode(True)
         own = _section_value(conf, section, "helper_command")
-        cfg.CONF.set_override("helper_command", own or _helper_command(conf), group=section)
+        cfg.CONF.set_override("helper_command", own or helper_command(conf), group=section)
 
 
 def _section_value(conf: cfg.ConfigOpts, section: str, key: str) -> object:
@@ -199,7 +287,7 @@ def _section_value(conf: cfg.ConfigOpts, section: str, key: str) -> object:
 
 
 def stop() -> None:
-    """Stop the daemons this process started (they also die with it)."""
+    """Stop the daemons this process started (they also exit when it does)."""
     global _settings
     _settings = None
     for ctx in CONTEXTS.values():
@@ -210,11 +298,14 @@ def stop() -> None:
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register the privsep context sections on a service's ConfigOpts."""
     for section, opt_list in list_opts():
-        conf.register_opts(opt_list, group=section)
+        if section not in conf:
+            conf.register_opts(opt_list, group=section)
 
 
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """The privsep context sections, with each context's own capabilities."""
+    import copy
+
     result = []
     for section, capset in ((MOUNT_SECTION, MOUNT_CAPS), (FILES_SECTION, FILES_CAPS)):
         section_opts = copy.deepcopy(priv_context.OPTS)
@@ -226,13 +317,18 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
 
 
 def process_info() -> dict:
-    """Pid, uid and effective capability mask of the calling process.
+    """Pid, uid, capability masks and no_new_privs of the calling process.
 
     Called by each context's ``daemon_info`` entrypoint, inside its daemon.
     """
-    cap_eff = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                cap_eff = int(line.split()[1], 16)
-    return {"pid": os.getpid(), "uid": os.getuid(), "cap_eff": cap_eff}
+    from remotefs_aa.privsep import caps
+
+    status = caps.process_status()
+    return {
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "cap_eff": int(status.get("CapEff", "0"), 16),
+        "cap_bnd": int(status.get("CapBnd", "0"), 16),
+        "no_new_privs": status.get("NoNewPrivs") == "1",
+    }

@@ -1,182 +1,258 @@
-"""File operations on root-owned files (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER).
+"""File operations for the volume files (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER).
 
-System calls, not commands, in the privsep daemon (and ``direct`` mode): no
-process is started. In the rootwrap modes this process is not root, so each
-operation becomes one command that the generated rootwrap filters allow.
+System calls, not commands. Every path is opened beneath an allowed base
+without following a symlink (``confine.open_beneath`` / ``open_parent``), and
+the operation then acts on that descriptor with the ``*at`` calls: there is
+no gap between a check and a use for a swapped directory to slip into.
+Regular files with more than one hard link are never changed (a link to a
+file elsewhere would carry the change out of the share). New files get
+exactly the mode asked for, directories are never made world-writable, and
+files belong to the daemon's user: the service's (see ``privsep.daemon``).
+
+In the legacy rootwrap modes this process is not root, so each operation
+becomes one command that the generated rootwrap filters allow (:mod:`legacy`).
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import secrets
-import tempfile
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 
 from remotefs_aa import exception
-from remotefs_aa.privsep import confine, entrypoint, file_pctxt, process_info, runner, settings
+from remotefs_aa.privsep import (
+    confine,
+    entrypoint,
+    file_pctxt,
+    images,
+    legacy,
+    process_info,
+    runner,
+    settings,
+)
 
 MAX_READ = 1024 * 1024
 
 
-def _cmd(argv: list[str], stdin: str | None = None) -> tuple[int, str, str]:
-    return runner.run(argv, timeout=settings().command_timeout, stdin=stdin)
+@contextlib.contextmanager
+def _parent(path: str, what: str = "path") -> Iterator[tuple[int, str]]:
+    dirfd, name = confine.open_parent(path, settings().allowed_paths, what)
+    try:
+        yield dirfd, name
+    finally:
+        os.close(dirfd)
 
 
-def _path(path: str, what: str = "path") -> str:
-    return confine.resolve_inside(path, settings().allowed_paths, what)
+@contextlib.contextmanager
+def _directory(path: str, what: str = "directory") -> Iterator[int]:
+    # A share may be an allowed base itself; its files are inside it either way.
+    fd = confine.open_beneath(
+        path, settings().allowed_paths, what, confine.DIR_FLAGS, allow_base=True
+    )
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _single_link(fd: int, path: str) -> os.stat_result:
+    """fstat of a regular file we are about to change; refuse anything else."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise exception.PrivilegedArgumentRefused(
+            f"{path!r} is not a regular file ({stat.filemode(st.st_mode)}); not changed"
+        )
+    if st.st_nlink > 1:
+        raise exception.PrivilegedArgumentRefused(
+            f"{path!r} has {st.st_nlink} hard links; a volume file has one. Not changed: "
+            f"a link could carry the change to a file outside the share"
+        )
+    return st
+
+
+def _sync_dir(dirfd: int) -> None:
+    os.fsync(dirfd)
 
 
 @entrypoint(file_pctxt)
 def make_directory(path: str, mode: int = 0o755) -> None:
-    """Create ``path`` and missing parents inside an allowed base."""
-    target, bits = _path(path, "directory"), confine.mode_bits(mode)
+    """Create ``path`` and its missing parents inside an allowed base, each with ``mode``."""
+    bits = confine.directory_mode(mode)
     if runner.via_commands():
-        _cmd(["mkdir", "-p", "-m", f"{bits:o}", "--", target])
-    else:
-        os.makedirs(target, mode=bits, exist_ok=True)
-
-
-@entrypoint(file_pctxt)
-def chmod(path: str, mode: int) -> None:
-    """Set permission bits (no setuid/setgid/sticky)."""
-    target, bits = _path(path), confine.mode_bits(mode)
-    if runner.via_commands():
-        _cmd(["chmod", f"{bits:o}", "--", target])
-    else:
-        os.chmod(target, bits, follow_symlinks=False)
-
-
-@entrypoint(file_pctxt)
-def chown(path: str, uid: int, gid: int) -> None:
-    """Change owner and group (``-1`` keeps one of them)."""
-    for value, what in ((uid, "uid"), (gid, "gid")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-            raise exception.PrivilegedArgumentRefused(f"{what} must be an integer >= -1")
-    target = _path(path)
-    if runner.via_commands():
-        owner = ("" if uid == -1 else str(uid)) + ("" if gid == -1 else f":{gid}")
-        if owner:
-            _cmd(["chown", "-h", owner, "--", target])
-    else:
-        os.chown(target, uid, gid, follow_symlinks=False)
+        legacy.make_directory(path, bits)
+        return
+    base, parts = confine.split_under(path, settings().allowed_paths, "directory", True)
+    try:
+        current = confine.open_beneath(
+            base, [base], "allowed base", confine.DIR_FLAGS, allow_base=True
+        )
+    except FileNotFoundError:
+        # The base itself is root's configuration (e.g. state_path on a new host).
+        os.makedirs(base, bits, exist_ok=True)
+        current = confine.open_beneath(
+            base, [base], "allowed base", confine.DIR_FLAGS, allow_base=True
+        )
+    try:
+        for part in parts:
+            try:
+                os.mkdir(part, bits, dir_fd=current)
+                created = True
+            except FileExistsError:
+                created = False
+            nxt = os.open(part, confine.DIR_FLAGS | os.O_NOFOLLOW, dir_fd=current)
+            if created:
+                os.fchmod(nxt, bits)  # exactly, whatever the umask
+            os.close(current)
+            current = nxt
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: a link where a directory was expected
+            raise exception.PrivilegedArgumentRefused(
+                f"directory {path!r} has a symbolic link in it; refusing to follow it"
+            ) from None
+        raise
+    finally:
+        os.close(current)
 
 
 @entrypoint(file_pctxt)
 def unlink(path: str) -> bool:
     """Remove a file; False if it did not exist. Directories are refused."""
-    target = _path(path)
-    if os.path.isdir(target) and not os.path.islink(target):
-        raise exception.PrivilegedArgumentRefused(f"{path!r} is a directory; not removed")
     if runner.via_commands():
-        _rc, out, _err = _cmd(["rm", "-fv", "--", target])
-        return bool(out.strip())
-    try:
-        os.unlink(target)
-    except FileNotFoundError:
-        return False
+        return legacy.unlink(path)
+    with _parent(path) as (dirfd, name):
+        try:
+            os.unlink(name, dir_fd=dirfd)  # never follows a link: removes the link itself
+        except FileNotFoundError:
+            return False
+        except IsADirectoryError:
+            raise exception.PrivilegedArgumentRefused(
+                f"{path!r} is a directory; not removed"
+            ) from None
     return True
 
 
 @entrypoint(file_pctxt)
-def truncate(path: str, size_bytes: int) -> None:
-    """Create or resize a sparse file to ``size_bytes``."""
-    _size_file(path, size_bytes, "truncate", "-s", lambda fd, size: os.ftruncate(fd, size))
+def truncate(path: str, size_bytes: int, mode: int = 0o600) -> None:
+    """Create (with ``mode``) or resize a sparse file to ``size_bytes``."""
+    _size_file(path, size_bytes, mode, "truncate", lambda fd, size: os.ftruncate(fd, size))
 
 
 @entrypoint(file_pctxt)
-def fallocate(path: str, size_bytes: int) -> None:
-    """Create or grow a file with ``size_bytes`` really allocated (thick)."""
+def fallocate(path: str, size_bytes: int, mode: int = 0o600) -> None:
+    """Create (with ``mode``) or grow a file with ``size_bytes`` really allocated (thick)."""
     _size_file(
-        path, size_bytes, "fallocate", "-l", lambda fd, size: os.posix_fallocate(fd, 0, size)
+        path, size_bytes, mode, "fallocate", lambda fd, size: os.posix_fallocate(fd, 0, size)
     )
 
 
 def _size_file(
-    path: str, size_bytes: int, command: str, flag: str, syscall: Callable[[int, int], None]
+    path: str, size_bytes: int, mode: int, command: str, syscall: Callable[[int, int], None]
 ) -> None:
-    target = _path(path)
     size = confine.positive_int(size_bytes, "size")
+    bits = confine.file_mode(mode)
     if runner.via_commands():
-        _cmd([command, flag, str(size), "--", target])
+        legacy.size_file(path, size, command, bits)
         return
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        syscall(fd, size)
-    finally:
-        os.close(fd)
+    with _parent(path) as (dirfd, name):
+        if images.volume_of(name) is None:
+            raise exception.PrivilegedArgumentRefused(f"{name!r} is not a volume's image name")
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, bits, dir_fd=dirfd)
+            os.fchmod(fd, bits)
+        except FileExistsError:
+            fd = os.open(name, flags, dir_fd=dirfd)
+        try:
+            _single_link(fd, path)
+            syscall(fd, size)
+        finally:
+            os.close(fd)
 
 
 @entrypoint(file_pctxt)
-def write_file_atomic(path: str, data: str, mode: int = 0o644, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync dir.
+def write_file_atomic(path: str, data: str, mode: int = 0o640, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory.
 
     A reader sees the old content or the new, never a torn file, even if the
     daemon dies half-way. ``sync_dir=False`` leaves the rename's durability
     to the next directory sync (for writes whose loss after a power cut the
     caller can recover from).
     """
-    target = _path(path)
-    directory = os.path.dirname(target)
-    bits = confine.mode_bits(mode)
+    bits = confine.file_mode(mode)
     if runner.via_commands():
-        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(6)}")
+        legacy.write_file_atomic(path, data, bits, sync_dir)
+        return
+    with _parent(path) as (dirfd, name):
+        _write_at(dirfd, name, data, bits, sync_dir)
+
+
+def _write_at(dirfd: int, name: str, data: str, bits: int, sync_dir: bool) -> None:
+    tmp = f".tmp-{secrets.token_hex(6)}"
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, bits, dir_fd=dirfd
+    )
+    try:
         try:
-            _cmd(["dd", f"of={tmp}", "conv=fsync", "status=none"], stdin=data)
-            _cmd(["chmod", f"{bits:o}", "--", tmp])
-            _cmd(["mv", "-fT", "--", tmp, target])
-        except BaseException:
-            _cmd(["rm", "-f", "--", tmp])
-            raise
-        if sync_dir:
-            _cmd(["sync", "--", directory])
-        return
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), bits)
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+            os.fchmod(fd, bits)
+            view = memoryview(data.encode())
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dirfd)
         raise
-    if not sync_dir:
-        return
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if sync_dir:
+        _sync_dir(dirfd)
 
 
 @entrypoint(file_pctxt)
 def read_file(path: str, max_bytes: int = MAX_READ) -> str:
     """Read a small text file (an .info file); larger files are refused."""
-    target = _path(path)
     limit = min(confine.positive_int(max_bytes, "max_bytes"), MAX_READ)
     if runner.via_commands():
-        try:
-            data = _cmd(["head", "-c", str(limit + 1), "--", target])[1].encode()
-        except exception.PrivilegedCommandFailed as exc:
-            if "No such file" in exc.stderr:
-                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from None
-            raise
-    else:
-        with open(target, "rb") as f:
-            data = f.read(limit + 1)
+        return legacy.read_file(path, limit)
+    with _parent(path) as (dirfd, name):
+        return read_at(dirfd, name, limit, path)
+
+
+def read_at(dirfd: int, name: str, limit: int, shown: str | None = None) -> str:
+    """The text of regular file ``name`` in directory ``dirfd`` (no link followed)."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise exception.PrivilegedArgumentRefused(f"{shown or name!r} is not a regular file")
+        data = os.read(fd, limit + 1)
+        while len(data) <= limit:
+            more = os.read(fd, limit + 1 - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
     if len(data) > limit:
-        raise exception.PrivilegedArgumentRefused(f"{path!r} is larger than {limit} bytes")
+        raise exception.PrivilegedArgumentRefused(f"{shown or name!r} is larger than {limit} bytes")
     return data.decode()
 
 
 @entrypoint(file_pctxt)
 def statvfs(path: str) -> dict:
     """Total, free and available bytes of the filesystem holding ``path``."""
-    # statvfs needs no privilege, only search permission on the path.
-    st = os.statvfs(confine.resolve(path, settings().allowed_paths))
+    if runner.via_commands():
+        st = os.statvfs(confine.resolve(path, settings().allowed_paths))
+    else:
+        fd = confine.open_beneath(
+            path, settings().allowed_paths, "path", os.O_PATH | os.O_CLOEXEC, allow_base=True
+        )
+        try:
+            st = os.statvfs(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
     return {
         "total": st.f_blocks * st.f_frsize,
         "free": st.f_bfree * st.f_frsize,
@@ -192,26 +268,28 @@ def ping() -> bool:
 
 @entrypoint(file_pctxt)
 def daemon_info() -> dict:
-    """Who the file daemon is: pid, uid and effective capability mask.
+    """Who the file daemon is: pid, uid, capabilities, and the chain checks it ran.
 
     Lets an operator (and the tests) see that the daemon runs apart from the
     service with only the capabilities of its context.
     """
-    return process_info()
+    return {**process_info(), "checks": images.checks()}
 
 
 @entrypoint(file_pctxt)
 def rename(src: str, dst: str) -> None:
     """Atomically rename ``src`` to ``dst`` (replacing it), within one directory."""
-    source, target = _path(src, "source"), _path(dst, "destination")
-    if os.path.dirname(source) != os.path.dirname(target):
+    if runner.via_commands():
+        legacy.rename(src, dst)
+        return
+    if os.path.dirname(os.path.normpath(src)) != os.path.dirname(os.path.normpath(dst)):
         raise exception.PrivilegedArgumentRefused(
             f"rename {src!r} -> {dst!r} leaves its directory; only same-directory renames"
         )
-    if runner.via_commands():
-        _cmd(["mv", "-fT", "--", source, target])
-        return
-    os.replace(source, target)
+    with _parent(src, "source") as (dirfd, name):
+        target = os.path.basename(os.path.normpath(dst))
+        confine.plain_name(target, "destination")
+        os.rename(name, target, src_dir_fd=dirfd, dst_dir_fd=dirfd)
 
 
 @entrypoint(file_pctxt)
@@ -221,30 +299,23 @@ def list_directory(path: str) -> dict[str, int]:
     One call instead of a stat per file, so a chain check or a stats poll is
     a single round trip.
     """
-    directory = _path(path, "directory")
     if runner.via_commands():
-        out = _cmd(["ls", "-lAn", "--time-style=long-iso", "--", directory])[1]
-        files: dict[str, int] = {}
-        for line in out.splitlines():
-            # mode links uid gid size date time name
-            parts = line.split(maxsplit=7)
-            if len(parts) == 8 and parts[0].startswith("-"):
-                files[parts[7]] = int(parts[4])
-        return files
-    return scan(directory)
+        return legacy.list_directory(path)
+    with _directory(path) as fd:
+        return scan_fd(fd)
 
 
-def scan(
-    directory: str, prefixes: tuple[str, ...] | None = None, sizes: bool = True
+def scan_fd(
+    dirfd: int, prefixes: tuple[str, ...] | None = None, sizes: bool = True
 ) -> dict[str, int]:
-    """Regular files in an already confined ``directory`` (no privilege check here).
+    """Regular files in the open directory ``dirfd`` (no privilege check here).
 
     ``prefixes`` keeps only names starting with one of them; ``sizes=False``
     reports 0 instead of a stat per file (the type comes from readdir), which
     matters on a network filesystem whose caches are off.
     """
     result = {}
-    with os.scandir(directory) as entries:
+    with os.scandir(dirfd) as entries:  # scandir works on (and closes) its own dup
         for entry in entries:
             if prefixes is not None and not entry.name.startswith(prefixes):
                 continue
@@ -258,7 +329,7 @@ def scan(
 
 @entrypoint(file_pctxt)
 def replace_file_if(
-    path: str, data: str, expected: str | None, mode: int = 0o644, durable: bool = True
+    path: str, data: str, expected: str | None, mode: int = 0o640, durable: bool = True
 ) -> str | None:
     """Compare-and-swap a small file: write ``data`` only if it still holds ``expected``.
 
@@ -267,14 +338,17 @@ def replace_file_if(
     caller can say who won. The compare happens next to the write, in one
     call, which leaves the smallest window a writer whose lock lapsed can use.
     """
-    _path(path)
-    try:
-        current: str | None = read_file.__wrapped__(path)  # type: ignore[attr-defined]
-    except FileNotFoundError:
-        current = None
-    if current != expected:
-        return "" if current is None else current
-    write_file_atomic.__wrapped__(path, data, mode, sync_dir=durable)  # type: ignore[attr-defined]
+    bits = confine.file_mode(mode)
+    if runner.via_commands():
+        return legacy.replace_file_if(path, data, expected, bits, durable)
+    with _parent(path) as (dirfd, name):
+        try:
+            current: str | None = read_at(dirfd, name, MAX_READ, path)
+        except FileNotFoundError:
+            current = None
+        if current != expected:
+            return "" if current is None else current
+        _write_at(dirfd, name, data, bits, durable)
     return None
 
 
@@ -286,24 +360,15 @@ def unlink_many(directory: str, names: list[str]) -> list[str]:
     directories and names with a path in them are refused before anything is
     removed.
     """
-    folder = _path(directory, "directory")
     for name in names:
-        if not isinstance(name, str) or not name or "/" in name or "\x00" in name:
-            raise exception.PrivilegedArgumentRefused(f"{name!r} is not a plain file name")
-        if name in (".", ".."):
-            raise exception.PrivilegedArgumentRefused(f"{name!r} is not a file")
-    removed = []
+        confine.plain_name(name, "file name")
     if runner.via_commands():
-        for name in names:
-            _rc, out, _err = _cmd(["rm", "-fv", "--", os.path.join(folder, name)])
-            if out.strip():
-                removed.append(name)
-        return removed
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+        return legacy.unlink_many(directory, names)
+    removed = []
+    with _directory(directory) as dirfd:
         for name in names:
             try:
-                os.unlink(name, dir_fd=dir_fd)  # never follows a symlink
+                os.unlink(name, dir_fd=dirfd)  # never follows a symlink
             except FileNotFoundError:
                 continue
             except IsADirectoryError:
@@ -311,6 +376,4 @@ def unlink_many(directory: str, names: list[str]) -> list[str]:
                     f"{name!r} in {directory!r} is a directory; not removed"
                 ) from None
             removed.append(name)
-    finally:
-        os.close(dir_fd)
     return removed

@@ -1,8 +1,24 @@
-"""Mount and unmount shares (CAP_SYS_ADMIN)."""
+"""Mount and unmount shares (CAP_SYS_ADMIN).
+
+The mount point is opened beneath an allowed base without following a link
+and handed to mount(8) as ``/proc/self/fd/N`` with ``--no-canonicalize``, so
+the kernel mounts on exactly the directory that was checked, whatever is
+renamed around it meanwhile; umount runs in that directory's parent
+(``cwd=/proc/self/fd/N``) on its plain name. Shares are ``host:/export``
+(NFS) or ``host:/volume`` (GlusterFS): never a local path, which
+mount.glusterfs would read as a volfile. Options come from a list per
+filesystem type (what operators set for NFS and the GlusterFS FUSE client);
+anything else, ``log-file=`` and ``dump-fuse=`` among them, is refused by
+name. The children (mount, mount.nfs, the GlusterFS client) hold only
+CAP_SYS_ADMIN, in their ambient set: see ``caps.py``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 
 from remotefs_aa import exception
 from remotefs_aa.privsep import (
@@ -14,74 +30,242 @@ from remotefs_aa.privsep import (
     sys_admin_pctxt,
 )
 
+#: Options that take no value, and options that take one (checked by _VALUE).
+_NFS_FLAGS = frozenset(
+    "ro rw sync async atime noatime diratime nodiratime relatime strictatime noexec nosuid "
+    "nodev soft hard softreval nosoftreval intr nointr ac noac cto nocto lock nolock fsc "
+    "nofsc rdirplus nordirplus sharecache nosharecache resvport noresvport tcp udp bg fg "
+    "_netdev nofail acl noacl".split()
+)
+_NFS_VALUES = frozenset(
+    "vers nfsvers minorversion proto port mountport mountproto mountvers timeo retrans "
+    "rsize wsize acregmin acregmax acdirmin acdirmax actimeo lookupcache sec local_lock "
+    "nconnect max_connect retry clientaddr addr mounthost namlen".split()
+)
+_GLUSTER_FLAGS = frozenset(
+    "ro rw acl selinux worm noatime nodiratime relatime nosuid nodev noexec _netdev "
+    "nofail auto_unmount fopen-keep-cache".split()
+)
+_GLUSTER_VALUES = frozenset(
+    "backup-volfile-servers backupvolfile-server transport direct-io-mode entry-timeout "
+    "attribute-timeout negative-timeout gid-timeout background-qlen congestion-threshold "
+    "log-level volfile-max-fetch-attempts use-readdirp reader-thread-count lru-limit "
+    "invalidate-limit kernel-writeback-cache attr-times-granularity".split()
+)
+_TMPFS_FLAGS = frozenset("ro rw noexec nosuid nodev".split())
+_TMPFS_VALUES = frozenset("size nr_inodes mode".split())
 
-def _mounted_at(mountpoint: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
+ALLOWED_OPTIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "nfs": (_NFS_FLAGS, _NFS_VALUES),
+    "nfs4": (_NFS_FLAGS, _NFS_VALUES),
+    "glusterfs": (_GLUSTER_FLAGS, _GLUSTER_VALUES),
+    "tmpfs": (_TMPFS_FLAGS, _TMPFS_VALUES),
+}
+# A value: letters, digits and ._:@%+- (':' separates backup servers); no
+# '/' (no path anywhere), no ',' (it would start another option), no '='.
+_VALUE = re.compile(r"^[A-Za-z0-9_.:@%+-]{1,255}$")
+# host:/export or host:/volume (a bracketed IPv6 host too); never a local path.
+_REMOTE = re.compile(
+    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*):/?[A-Za-z0-9_.+@%-][A-Za-z0-9_./+@%-]*$"
+)
+
+
+def check_fstype(value: object) -> str:
+    """One of the filesystem types the drivers (and tests: tmpfs) mount."""
+    if value not in ALLOWED_OPTIONS:
+        raise exception.PrivilegedArgumentRefused(
+            f"filesystem type {value!r} is not one of {', '.join(sorted(ALLOWED_OPTIONS))}"
+        )
+    return str(value)
+
+
+def check_share(kind: str, value: object) -> str:
+    """``host:/export`` for NFS and GlusterFS, ``tmpfs`` for tmpfs."""
+    if kind == "tmpfs":
+        if value != "tmpfs":
+            raise exception.PrivilegedArgumentRefused("a tmpfs mount takes 'tmpfs' as its source")
+        return value
+    if not isinstance(value, str) or not _REMOTE.match(value) or ".." in value.split("/"):
+        raise exception.PrivilegedArgumentRefused(
+            f"share {value!r} is not of the form host:/export (letters, digits and ._-/:@%+; "
+            f"no local path: mount.glusterfs would read one as a volume file)"
+        )
+    return value
+
+
+def check_options(kind: str, values: list[str] | str | None) -> list[str]:
+    """Mount options for ``kind``, each one a known ``key`` or ``key=value``."""
+    if values is None:
+        return []
+    items = values.split(",") if isinstance(values, str) else list(values)
+    flags, with_value = ALLOWED_OPTIONS[kind]
+    checked = []
+    for item in items:
+        if not isinstance(item, str):
+            raise exception.PrivilegedArgumentRefused(f"mount option {item!r} is not a string")
+        item = item.strip()
+        if not item:
+            continue
+        key, has_value, value = item.partition("=")
+        if has_value:
+            if key not in with_value:
+                raise exception.PrivilegedArgumentRefused(
+                    f"mount option {key!r} is not allowed for {kind} (allowed with a value: "
+                    f"{', '.join(sorted(with_value))})"
+                )
+            if not _VALUE.match(value):
+                raise exception.PrivilegedArgumentRefused(
+                    f"mount option {item!r}: the value may hold letters, digits and ._:@%+- only"
+                )
+            if kind == "tmpfs" and key == "mode":
+                try:
+                    confine.directory_mode(int(value, 8))
+                except (ValueError, exception.PrivilegedArgumentRefused) as exc:
+                    raise exception.PrivilegedArgumentRefused(
+                        f"mount option {item!r}: {exc}"
+                    ) from None
+        elif key not in flags:
+            raise exception.PrivilegedArgumentRefused(
+                f"mount option {key!r} is not allowed for {kind} (allowed flags: "
+                f"{', '.join(sorted(flags))})"
+            )
+        checked.append(item)
+    return checked
+
+
+_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _mnt_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
         for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4].replace("\\040", " ") == mountpoint:
-                return True
-    return False
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError("no mnt_id in fdinfo")
+
+
+@contextlib.contextmanager
+def _point(mountpoint: str, create: bool = False) -> Iterator[tuple[int, int, str]]:
+    """(descriptor of the mount point's parent, of the mount point, its name)."""
+    bases = settings().allowed_paths
+    confine.split_under(mountpoint, bases, "mount point")  # inside a base, not a base itself
+    # O_PATH: the mount daemon holds no DAC capability, and needs only search
+    # permission on the way to act on a directory by descriptor.
+    parent, name = confine.open_parent(mountpoint, bases, "mount point", _PATH_DIR)
+    try:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent)
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            yield parent, fd, name
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP
+            raise exception.PrivilegedArgumentRefused(
+                f"mount point {mountpoint!r} is a symbolic link; refusing to follow it"
+            ) from None
+        raise
+    finally:
+        os.close(parent)
+
+
+def _mounted(parent: int, fd: int) -> bool:
+    return _mnt_id(fd) != _mnt_id(parent)
+
+
+def _check_mounted(mountpoint: str) -> bool:
+    with _point(mountpoint) as (parent, fd, _name):
+        return _mounted(parent, fd)
 
 
 @entrypoint(sys_admin_pctxt)
 def mount(fstype: str, share: str, mountpoint: str, options: list[str] | None = None) -> bool:
-    """Mount ``share`` at ``mountpoint``; False if it was already mounted there.
+    """Mount ``share`` at ``mountpoint``; False if something was already mounted there.
 
-    The mount point is created if missing and must lie strictly inside one of
-    ``[privileged] allowed_paths``; ``share`` and ``options`` are checked so
-    nothing can be smuggled in as an extra option.
+    The mount point is created (0755) if missing and must lie strictly inside
+    one of ``[privileged] allowed_paths``. A mount that fails leaves no mount
+    point this call created behind.
     """
+    kind = check_fstype(fstype)
+    source = check_share(kind, share)
+    checked = check_options(kind, options)
     s = settings()
-    fstype = confine.fstype(fstype)
-    if fstype == "tmpfs":
-        if share not in ("tmpfs", "none"):
-            raise exception.PrivilegedArgumentRefused("a tmpfs mount takes 'tmpfs' as its source")
-    else:
-        share = confine.share(share)
-    checked = confine.mount_options(options)
-    target = confine.resolve_inside(mountpoint, s.allowed_paths, "mount point")
-    if share.startswith("/"):  # a bind mount
-        share = confine.resolve(share, s.allowed_paths, "bind-mount source")
-    if _mounted_at(target):
-        return False
-    created = not os.path.isdir(target)
     if runner.via_commands():
+        target = confine.resolve_inside(mountpoint, s.allowed_paths, "mount point")
+        if _mounted_at(target):
+            return False
         runner.run(["mkdir", "-p", "-m", "755", "--", target], timeout=s.command_timeout)
-    else:
-        os.makedirs(target, mode=0o755, exist_ok=True)
-    argv = ["mount", "-t", fstype]
-    if checked:
-        argv += ["-o", ",".join(checked)]
-    try:
-        runner.run([*argv, "--", share, target], timeout=s.command_timeout)
-    except BaseException:
-        # Leave nothing behind: the mount point this call created goes too.
-        if created and not _mounted_at(target) and not runner.via_commands():
-            try:
-                os.rmdir(target)
-            except OSError:
-                pass
-        raise
+        argv = ["mount", "-t", kind, *(["-o", ",".join(checked)] if checked else [])]
+        runner.run([*argv, "--", source, target], timeout=s.command_timeout)
+        return True
+    with _point(mountpoint, create=True) as (parent, fd, name):
+        if _mounted(parent, fd):
+            return False
+        argv = ["mount", "--no-canonicalize", "-t", kind]
+        argv += ["-o", ",".join(checked)] if checked else []
+        try:
+            runner.run(
+                [*argv, "--", source, f"/proc/self/fd/{fd}"],
+                timeout=s.command_timeout,
+                pass_fds=(fd,),
+                shown=f"mount -t {kind} {source} {mountpoint}",
+            )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=parent)  # only if empty: ours, and nothing mounted
+            raise
     return True
+
+
+def _mounted_at(target: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+                return True
+    return False
 
 
 @entrypoint(sys_admin_pctxt)
 def umount(mountpoint: str) -> bool:
     """Unmount ``mountpoint``; False if nothing was mounted there."""
     s = settings()
-    target = confine.resolve_inside(mountpoint, s.allowed_paths, "mount point")
-    if not _mounted_at(target):
-        return False
-    runner.run(["umount", "--", target], timeout=s.command_timeout)
+    if runner.via_commands():
+        target = confine.resolve_inside(mountpoint, s.allowed_paths, "mount point")
+        if not _mounted_at(target):
+            return False
+        runner.run(["umount", "--", target], timeout=s.command_timeout)
+        return True
+    with _point(mountpoint) as (parent, fd, name):
+        if not _mounted(parent, fd):
+            return False
+    # The descriptor of the mount itself is closed (it would keep it busy);
+    # umount acts on the plain name inside the checked parent directory.
+    parent, name = confine.open_parent(mountpoint, s.allowed_paths, "mount point", _PATH_DIR)
+    try:
+        runner.run(
+            ["umount", "--no-canonicalize", "--", name],
+            timeout=s.command_timeout,
+            pass_fds=(parent,),
+            cwd=f"/proc/self/fd/{parent}",
+            shown=f"umount {mountpoint}",
+        )
+    finally:
+        os.close(parent)
     return True
 
 
 @entrypoint(sys_admin_pctxt)
 def is_mounted(mountpoint: str) -> bool:
     """Whether something is mounted at ``mountpoint`` (as the daemon sees it)."""
-    target = confine.resolve_inside(mountpoint, settings().allowed_paths, "mount point")
-    return _mounted_at(target)
+    if runner.via_commands():
+        return _mounted_at(confine.resolve_inside(mountpoint, settings().allowed_paths))
+    try:
+        return _check_mounted(mountpoint)
+    except FileNotFoundError:
+        return False
 
 
 @entrypoint(sys_admin_pctxt)

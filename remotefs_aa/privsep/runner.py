@@ -34,8 +34,19 @@ class Executor:
     #: True when file operations must be commands (no root in this process).
     via_commands = False
 
-    def execute(self, argv: list[str], stdin: str | None, timeout: float) -> tuple[int, str, str]:
-        """Run ``argv``; return (exit code, stdout, stderr)."""
+    def execute(
+        self,
+        argv: list[str],
+        stdin: str | None,
+        timeout: float,
+        pass_fds: tuple[int, ...] = (),
+        cwd: str | None = None,
+    ) -> tuple[int, str, str]:
+        """Run ``argv``; return (exit code, stdout, stderr).
+
+        ``pass_fds``: descriptors the child keeps (the images it is given as
+        ``/proc/self/fd/N``); every other descriptor is closed in the child.
+        """
         proc = subprocess.run(
             argv,
             input=stdin,
@@ -45,6 +56,8 @@ class Executor:
             env=_ENV,
             stdin=None if stdin is not None else subprocess.DEVNULL,
             check=False,
+            pass_fds=pass_fds,
+            cwd=cwd,
         )
         return proc.returncode, proc.stdout, proc.stderr
 
@@ -54,7 +67,19 @@ class _RootwrapExecutor(Executor):
 
     via_commands = True
 
-    def execute(self, argv: list[str], stdin: str | None, timeout: float) -> tuple[int, str, str]:
+    def execute(
+        self,
+        argv: list[str],
+        stdin: str | None,
+        timeout: float,
+        pass_fds: tuple[int, ...] = (),
+        cwd: str | None = None,
+    ) -> tuple[int, str, str]:
+        if pass_fds or cwd:
+            raise exception.PrivilegedArgumentRefused(
+                "the rootwrap modes cannot hand a command open files; this operation "
+                "needs [privileged] mode = privsep"
+            )
         # Rootwrap has no per-command timeout, so timeout(1) goes in front;
         # the generated filters allow exactly this prefix.
         wrapped = ["timeout", "--kill-after=5", str(int(timeout)), *argv]
@@ -119,6 +144,11 @@ def via_commands() -> bool:
     return _executor.via_commands
 
 
+#: Capabilities the children of this process may hold (their ambient set);
+#: set inside the mount daemon only (see ``caps.ambient_for_children``).
+child_capabilities: list[int] | None = None
+
+
 def run(
     argv: list[str],
     timeout: float,
@@ -126,17 +156,28 @@ def run(
     max_cpu_seconds: int | None = None,
     ok_codes: tuple[int, ...] = (0,),
     stdin: str | None = None,
+    pass_fds: tuple[int, ...] = (),
+    cwd: str | None = None,
+    shown: str | None = None,
 ) -> tuple[int, str, str]:
-    """Run ``argv``; return (exit code, stdout, stderr) or raise PrivilegedCommandFailed."""
+    """Run ``argv``; return (exit code, stdout, stderr) or raise PrivilegedCommandFailed.
+
+    ``shown``: how errors name the command (instead of an argv full of
+    ``json:`` specs and descriptor numbers).
+    """
+    if child_capabilities is not None:
+        from remotefs_aa.privsep import caps
+
+        caps.ambient_for_children(child_capabilities)
     limits = []
     if max_memory_mib:
         limits.append(f"--as={max_memory_mib * 1024 * 1024}")
     if max_cpu_seconds:
         limits.append(f"--cpu={max_cpu_seconds}")
     full = ["prlimit", *limits, "--", *BOUNDED_MALLOC, *argv] if limits else list(argv)
-    shown = shlex.join(argv)
+    shown = shown or shlex.join(argv)
     try:
-        rc, out, err = _executor.execute(full, stdin, timeout)
+        rc, out, err = _executor.execute(full, stdin, timeout, pass_fds, cwd)
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
         raise exception.PrivilegedCommandFailed(

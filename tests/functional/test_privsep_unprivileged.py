@@ -20,6 +20,7 @@ import textwrap
 
 import pytest
 
+from remotefs_aa import privsep
 from remotefs_aa.privsep import rootwrap_filters
 
 pytestmark = pytest.mark.functional
@@ -53,25 +54,26 @@ SERVICE = textwrap.dedent(
         out["direct_write"] = "allowed"
     except PermissionError as exc:
         out["direct_write"] = "EACCES"
-    qemu.qemu_img_create(os.path.join(base, "volume-1"), "raw", 1 << 20)
+    qemu.qemu_img_create(os.path.join(base, "volume-1"), "raw", 1 << 20, mode=0o660)
     qemu.qemu_img_create(os.path.join(base, "volume-1.s1"), "qcow2",
-                         backing_file="volume-1", backing_fmt="raw")
-    files.chmod(os.path.join(base, "volume-1.s1"), 0o600)
-    info = qemu.qemu_img_info(os.path.join(base, "volume-1.s1"), backing_chain=True)
+                         backing_file="volume-1", backing_fmt="raw", mode=0o660)
+    info = qemu.qemu_img_info(os.path.join(base, "volume-1.s1"), "qcow2", backing_chain=True)
     out["chain"] = [i["filename"] for i in info]
     # Delete the middle of a chain through the daemon: commit, rebase, unlink.
     s1, s2 = (os.path.join(base, f"volume-1.s{i}") for i in (1, 2))
-    qemu.qemu_img_create(s2, "qcow2", backing_file="volume-1.s1", backing_fmt="qcow2")
+    qemu.qemu_img_create(s2, "qcow2", backing_file="volume-1.s1", backing_fmt="qcow2",
+                         mode=0o660)
     qemu.qemu_img_commit(s1, "qcow2")
     qemu.qemu_img_rebase(s2, "volume-1", "raw", unsafe=True)
     files.unlink(s1)
-    info = qemu.qemu_img_info(s2, backing_chain=True)
+    info = qemu.qemu_img_info(s2, "qcow2", backing_chain=True)
     out["merged_chain"] = [i["filename"] for i in info]
     out["check"] = qemu.qemu_img_check(s2)["exit_code"]
-    out["owner_before"] = os.stat(s2).st_uid
-    files.chown(s2, os.getuid(), os.getgid())
-    out["owner_after"] = os.stat(s2).st_uid
-    direct_info = subprocess.run(["qemu-img", "info", os.path.join(base, "volume-1.s1")],
+    # Every file the daemon made belongs to the service, with the mode asked for.
+    out["owners"] = sorted({(os.stat(p).st_uid, os.stat(p).st_mode & 0o777)
+                            for p in (os.path.join(base, "volume-1"), s2)})
+    # ... and the service reads its own volume directly (a compute host's qemu would too).
+    direct_info = subprocess.run(["qemu-img", "info", "-f", "qcow2", s2],
                                  capture_output=True, text=True)
     out["direct_info_rc"] = direct_info.returncode
     try:
@@ -79,7 +81,8 @@ SERVICE = textwrap.dedent(
         out["shadow"] = "read"
     except exception.PrivilegedArgumentRefused as exc:
         out["shadow"] = str(exc)
-    out["daemon_uid"] = files.daemon_info()["uid"]
+    out["file_daemon"] = files.daemon_info()
+    out["mount_daemon"] = mount.daemon_info()
     sudo_any = subprocess.run(["sudo", "-n", "true"], capture_output=True, text=True)
     out["sudo_true_rc"] = sudo_any.returncode
     privsep.stop()
@@ -100,7 +103,7 @@ def test_unprivileged_service_works_only_through_the_daemon(
         f.write(rootwrap_filters.generate([base]))
     with open(os.path.join(rootwrap_dir, "rootwrap.conf"), "w") as f:
         f.write(rootwrap_filters.rootwrap_conf(filters))
-    conf_file = os.path.join(base, "rfsaa.conf")
+    conf_file = os.path.join(rootwrap_dir, "rfsaa.conf")  # root-only, not under state_path
     with open(conf_file, "w") as f:
         f.write(
             f"[DEFAULT]\nstate_path = {base}\n[privileged]\nmode = {mode}\n"
@@ -128,11 +131,15 @@ def test_unprivileged_service_works_only_through_the_daemon(
     assert out["chain"] == [f"{base}/volume-1.s1", f"{base}/volume-1"]
     assert out["merged_chain"] == [f"{base}/volume-1.s2", f"{base}/volume-1"]
     assert out["check"] == 0
-    assert out["owner_before"] == 0 and out["owner_after"] == out["uid"]  # owned as told
-    assert out["direct_info_rc"] != 0  # the 0600 root-owned overlay is unreadable to it
+    assert out["owners"] == [[out["uid"], 0o660]]  # the service's files, its mode
+    assert out["direct_info_rc"] == 0
     assert "outside the allowed directories" in out["shadow"]
     if mode == "privsep":
-        assert out["daemon_uid"] == 0  # rootwrap runs only the commands as root
+        # The mount daemon is root with CAP_SYS_ADMIN only; the file daemon is the
+        # service's own user with the file capabilities (rootwrap: commands as root).
+        assert out["mount_daemon"]["uid"] == 0
+        assert out["file_daemon"]["uid"] == out["uid"]
+        assert out["file_daemon"]["cap_eff"] == sum(1 << c for c in privsep.FILES_CAPS)
     assert out["sudo_true_rc"] != 0  # sudo allows it our privsep helper and nothing else
 
 

@@ -41,6 +41,8 @@ def service_venv() -> str:
     with open(os.path.join(REPO, "setup.cfg"), "rb") as f:
         key = hashlib.sha256(f.read()).hexdigest()[:12]
     venv = f"/var/tmp/rfsaa-service-venv-{_CHECKOUT}-{key}"
+    # A stale build/ in the checkout would put modules deleted since into the venv.
+    shutil.rmtree(os.path.join(REPO, "build"), ignore_errors=True)
     if not os.path.exists(os.path.join(venv, ".ready")):
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run(["/usr/bin/python3", "-m", "venv", venv], check=True)

@@ -31,6 +31,7 @@ class FakeIO:
         self.texts: dict[str, str] = {}
         self.calls: list[str] = []
         self.fail_at: tuple[str, int] | None = None
+        self.modes: dict[str, int] = {}
 
     def _step(self, name: str) -> None:
         self.calls.append(name)
@@ -43,8 +44,9 @@ class FakeIO:
     def read_text(self, path):
         return self.texts.get(path)
 
-    def replace_text_if(self, path, data, expected, durable=True):
+    def replace_text_if(self, path, data, expected, durable=True, mode=0o640):
         self._step("replace_text_if")
+        self.modes[path] = mode
         current = self.texts.get(path)
         if current != expected:
             return "" if current is None else current
@@ -115,8 +117,9 @@ class FakeIO:
             path = os.path.join(D, img["backing"])
         return out
 
-    def create(self, path, fmt, size, backing, backing_fmt):
+    def create(self, path, fmt, size, backing, backing_fmt, mode):
         self._step("create")
+        self.modes[path] = mode
         self.images[path] = {
             "format": fmt,
             "size": size,
@@ -124,8 +127,9 @@ class FakeIO:
             "backing_format": backing_fmt,
         }
 
-    def truncate(self, path, size):
+    def truncate(self, path, size, mode):
         self._step("truncate")
+        self.modes.setdefault(path, mode)
         self.images.setdefault(path, {"format": "raw", "backing": None})["size"] = size
 
     fallocate = truncate
@@ -141,8 +145,9 @@ class FakeIO:
         self._step("resize")
         self.images[path]["size"] = size
 
-    def convert(self, src, src_fmt, dst, dst_fmt, sparse):
+    def convert(self, src, src_fmt, dst, dst_fmt, sparse, mode):
         self._step("convert")
+        self.modes[dst] = mode
         self.images[dst] = {"format": dst_fmt, "size": self.images[src]["size"], "backing": None}
 
     def check(self, path, fmt):
@@ -157,9 +162,6 @@ class FakeIO:
             }
             for link in self.image_chain(path, [os.path.basename(path)] if fmt == "raw" else None)
         ]
-
-    def chmod(self, path, mode):
-        self._step("chmod")
 
     def statvfs(self, path):
         return {"total": 100 * GiB, "free": 50 * GiB, "available": 50 * GiB}

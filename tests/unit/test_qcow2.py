@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from remotefs_aa import exception
-from remotefs_aa.image import qcow2
+from remotefs_aa.privsep import qcow2
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 
@@ -220,13 +220,13 @@ def test_qcow2_magic_deeper_in_a_raw_file_is_raw(tmp_path):
 def test_read_header_is_one_read_of_at_most_64k(tmp_path, monkeypatch):
     img = create(tmp_path / "img.qcow2", "qcow2", "1G", "-o", "cluster_size=2M")
     calls = []
-    real_read = os.read
+    real_pread = os.pread
 
-    def spy(fd, n):
+    def spy(fd, n, offset):
         calls.append(n)
-        return real_read(fd, n)
+        return real_pread(fd, n, offset)
 
-    monkeypatch.setattr(qcow2.os, "read", spy)
+    monkeypatch.setattr(qcow2.os, "pread", spy)
     qcow2.read_header(img)
     assert calls == [qcow2.READ_LIMIT]
 

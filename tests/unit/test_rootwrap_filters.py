@@ -25,7 +25,8 @@ class Recorder(runner.Executor):
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def execute(self, argv, stdin, timeout):
+    def execute(self, argv, stdin, timeout, pass_fds=(), cwd=None):
+        assert not pass_fds and cwd is None  # rootwrap runs commands by path
         wrapped = ["timeout", "--kill-after=5", str(int(timeout)), *argv]
         self.calls.append(wrapped)
         if "info" in argv:
@@ -66,12 +67,11 @@ def test_every_command_built_by_the_entrypoints_is_allowed(recorded, tmp_path):
     qemu.qemu_img_create(img, "raw", 1024)
     qemu.qemu_img_create(f"{img}.s1", "qcow2", backing_file="volume-1", backing_fmt="raw")
     qemu.qemu_img_create(f"{img}.s2", "qcow2", 2048, "volume-1.s1", "qcow2")
-    for fmt in (None, "qcow2"):
+    for fmt in ("raw", "qcow2"):
         for chain in (False, True):
-            for share in (False, True):
-                qemu.qemu_img_info(img, fmt, chain, share)
+            qemu.qemu_img_info(img, fmt, chain)
+    qemu.image_chain(f"{img}.s2")
     qemu.qemu_img_commit(f"{img}.s1")
-    qemu.qemu_img_rebase(f"{img}.s2", "volume-1", "raw")
     qemu.qemu_img_rebase(f"{img}.s2", "volume-1", "raw", unsafe=True)
     qemu.qemu_img_resize(img, "raw", 4096)
     qemu.qemu_img_resize(f"{img}.s2", "qcow2", 4096, skip_backing=True)
@@ -79,11 +79,9 @@ def test_every_command_built_by_the_entrypoints_is_allowed(recorded, tmp_path):
     qemu.qemu_img_convert(img, "raw", f"{vol}/volume-3", "raw", sparse=False)
     qemu.qemu_img_check(f"{img}.s2")
     files.make_directory(f"{vol}/d", 0o750)
-    files.chmod(img, 0o640)
-    files.chown(img, 107, 107)
-    files.chown(img, -1, 107)
     files.unlink(f"{vol}/gone")
     files.truncate(img, 10)
+    files.truncate(f"{vol}/volume-4", 10, 0o660)
     files.fallocate(img, 10)
     files.write_file_atomic(f"{vol}/volume-1.info", '{"active": "volume-1"}')
     files.read_file(f"{vol}/volume-1.info")

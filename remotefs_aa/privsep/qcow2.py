@@ -111,6 +111,31 @@ class ImageHeader:
     reported for the caller to judge; 0 for v2 and raw."""
 
 
+#: Signatures of the other formats qemu knows (offset, bytes): a file that
+#: carries one is not taken for raw when no format was stated.
+FOREIGN_MAGIC = {
+    "vpc": (0, b"conectix"),
+    "vmdk": (0, b"KDMV"),
+    "vmdk descriptor": (0, b"# Disk DescriptorFile"),
+    "vdi": (64, b"\x7f\x10\xda\xbe"),
+    "vhdx": (0, b"vhdxfile"),
+    "qed": (0, b"QED\x00"),
+    "parallels": (0, b"WithoutFreeSpace"),
+    "parallels ext": (0, b"WithouFreSpacExt"),
+    "luks": (0, b"LUKS\xba\xbe"),
+    "bochs": (0, b"Bochs Virtual HD Image"),
+    "cloop": (0, b"#!/bin/sh\n#V2.0 Format"),
+}
+
+
+def foreign_format(data: bytes) -> str | None:
+    """The name of another image format whose signature ``data`` starts with, or None."""
+    for name, (offset, magic) in FOREIGN_MAGIC.items():
+        if data[offset : offset + len(magic)] == magic:
+            return name.split()[0]
+    return None
+
+
 def _refuse(path: str, reason: str) -> exception.InvalidImage:
     return exception.InvalidImage(path, reason)
 
@@ -322,31 +347,40 @@ def _extensions(data: bytes, offset: int, end: int, path: str) -> tuple[str | No
 def read_header(path: str, follow_symlinks: bool = True) -> ImageHeader:
     """Read and parse the header of the image file at ``path``.
 
-    One ``open``, one ``fstat`` and (almost always) one ``read`` of at most
-    :data:`READ_LIMIT` bytes. The file is opened non-blocking and must be a
-    regular file: a FIFO or device named by a hostile backing file must not
-    hang or feed us. OSError (missing file, no permission) propagates as is;
-    InvalidImage means the file is there but its header is not acceptable.
+    The file is opened non-blocking (a FIFO named by a hostile backing file
+    must not hang us); see :func:`read_header_fd`. OSError (missing file, no
+    permission, ``ELOOP`` for a symlink when ``follow_symlinks`` is False)
+    propagates as is; InvalidImage means the file is there but its header is
+    not acceptable.
     """
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     if not follow_symlinks:
-        # A link of a chain whose directory was already confined: a symlink
-        # could point anywhere, so opening one fails (ELOOP) instead.
         flags |= os.O_NOFOLLOW
     fd = os.open(path, flags)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, f"not a regular file (mode {stat.filemode(st.st_mode)})")
-        want = min(READ_LIMIT, st.st_size)
-        data = os.read(fd, READ_LIMIT)
-        # A regular file returns short reads only at EOF, or rarely (signals,
-        # some network file systems); finish the read then.
-        while len(data) < want:
-            more = os.read(fd, READ_LIMIT - len(data))
-            if not more:
-                break
-            data += more
+        return read_header_fd(fd, path)
     finally:
         os.close(fd)
+
+
+def read_header_fd(fd: int, path: str = "<image>") -> ImageHeader:
+    """Parse the header of the open file ``fd`` (``path`` only names it in errors).
+
+    One ``fstat`` and (almost always) one ``pread`` of at most
+    :data:`READ_LIMIT` bytes from offset 0; the descriptor's offset is not
+    moved, so the caller may hand it on. It must be a regular file: a device
+    must not feed us.
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse(path, f"not a regular file (mode {stat.filemode(st.st_mode)})")
+    want = min(READ_LIMIT, st.st_size)
+    data = os.pread(fd, READ_LIMIT, 0)
+    # A regular file returns short reads only at EOF, or rarely (signals,
+    # some network file systems); finish the read then.
+    while len(data) < want:
+        more = os.pread(fd, READ_LIMIT - len(data), len(data))
+        if not more:
+            break
+        data += more
     return parse_header(data, st.st_size, path)
