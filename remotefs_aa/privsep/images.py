@@ -48,9 +48,7 @@ _ID = re.compile(rf"^{ID_PATTERN}$")
 # volume-<id> and volume-<id>.<snap> (a volume's images), and the hidden names
 # of its unfinished work: .volume-<id>.tmp and .volume-<id>.<snap>.revert.
 _VISIBLE = re.compile(rf"^volume-(?P<vol>{ID_PATTERN})(?:\.(?P<snap>{ID_PATTERN}))?$")
-_HIDDEN = re.compile(
-    rf"^\.volume-(?P<vol>{ID_PATTERN})(?:\.tmp|\.(?P<snap>{ID_PATTERN})\.revert)$"
-)
+_HIDDEN = re.compile(rf"^\.volume-(?P<vol>{ID_PATTERN})(?:\.tmp|\.(?P<snap>{ID_PATTERN})\.revert)$")
 
 #: Longer chains are refused: a loop or a hostile image, not a real volume.
 MAX_CHAIN_DEPTH = 512
