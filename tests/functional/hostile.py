@@ -35,6 +35,7 @@ import queue
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -514,6 +515,43 @@ def remove_tree(path: str) -> None:
         subprocess.run(["rm", "-rf", "--one-file-system", path], check=False)
     if os.path.exists(path):
         shutil.rmtree(path, ignore_errors=True)
+
+
+# -- a root-only socket --------------------------------------------------------
+
+
+class UnixListener:
+    """A root-only UNIX socket that records who connects (pid, uid, gid from SO_PEERCRED)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.peers: list[tuple[int, int, int]] = []
+        self._server = socket.socket(socket.AF_UNIX)
+        self._server.bind(path)
+        os.chmod(path, 0o600)
+        self._server.listen(8)
+        self._server.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        size = struct.calcsize("3i")
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size)
+            self.peers.append(struct.unpack("3i", creds))
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.close()
 
 
 # -- processes ----------------------------------------------------------------

