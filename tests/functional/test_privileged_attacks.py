@@ -47,7 +47,7 @@ RACE_SECONDS = 3.0
 class Row:
     family: str
     attack: str
-    verdict: str  # "escaped" or "refused"
+    verdict: str  # "escaped", "refused" (or "inconclusive": nothing to judge)
     evidence: str
 
 
