@@ -101,17 +101,11 @@ def make_directory(path: str, mode: int = 0o755) -> None:
                 created = True
             except FileExistsError:
                 created = False
-            nxt = os.open(part, confine.DIR_FLAGS | os.O_NOFOLLOW, dir_fd=current)
+            nxt = confine.open_at(current, part, confine.DIR_FLAGS, shown=path)
             if created:
                 os.fchmod(nxt, bits)  # exactly, whatever the umask
             os.close(current)
             current = nxt
-    except OSError as exc:
-        if exc.errno == 40:  # ELOOP: a link where a directory was expected
-            raise exception.PrivilegedArgumentRefused(
-                f"directory {path!r} has a symbolic link in it; refusing to follow it"
-            ) from None
-        raise
     finally:
         os.close(current)
 
@@ -158,12 +152,12 @@ def _size_file(
     with _parent(path) as (dirfd, name):
         if images.volume_of(name) is None:
             raise exception.PrivilegedArgumentRefused(f"{name!r} is not a volume's image name")
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_NONBLOCK
         try:
-            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, bits, dir_fd=dirfd)
+            fd = confine.open_at(dirfd, name, flags | os.O_CREAT | os.O_EXCL, bits, path)
             os.fchmod(fd, bits)
         except FileExistsError:
-            fd = os.open(name, flags, dir_fd=dirfd)
+            fd = confine.open_at(dirfd, name, flags, shown=path)
         try:
             _single_link(fd, path)
             syscall(fd, size)
@@ -223,7 +217,7 @@ def read_file(path: str, max_bytes: int = MAX_READ) -> str:
 
 def read_at(dirfd: int, name: str, limit: int, shown: str | None = None) -> str:
     """The text of regular file ``name`` in directory ``dirfd`` (no link followed)."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    fd = confine.open_at(dirfd, name, os.O_RDONLY | os.O_NONBLOCK, shown=shown)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise exception.PrivilegedArgumentRefused(f"{shown or name!r} is not a regular file")

@@ -40,7 +40,6 @@ class Executor:
         stdin: str | None,
         timeout: float,
         pass_fds: tuple[int, ...] = (),
-        cwd: str | None = None,
     ) -> tuple[int, str, str]:
         """Run ``argv``; return (exit code, stdout, stderr).
 
@@ -57,7 +56,6 @@ class Executor:
             stdin=None if stdin is not None else subprocess.DEVNULL,
             check=False,
             pass_fds=pass_fds,
-            cwd=cwd,
         )
         return proc.returncode, proc.stdout, proc.stderr
 
@@ -73,9 +71,8 @@ class _RootwrapExecutor(Executor):
         stdin: str | None,
         timeout: float,
         pass_fds: tuple[int, ...] = (),
-        cwd: str | None = None,
     ) -> tuple[int, str, str]:
-        if pass_fds or cwd:
+        if pass_fds:
             raise exception.PrivilegedArgumentRefused(
                 "the rootwrap modes cannot hand a command open files; this operation "
                 "needs [privileged] mode = privsep"
@@ -157,7 +154,6 @@ def run(
     ok_codes: tuple[int, ...] = (0,),
     stdin: str | None = None,
     pass_fds: tuple[int, ...] = (),
-    cwd: str | None = None,
     shown: str | None = None,
 ) -> tuple[int, str, str]:
     """Run ``argv``; return (exit code, stdout, stderr) or raise PrivilegedCommandFailed.
@@ -177,7 +173,7 @@ def run(
     full = ["prlimit", *limits, "--", *BOUNDED_MALLOC, *argv] if limits else list(argv)
     shown = shown or shlex.join(argv)
     try:
-        rc, out, err = _executor.execute(full, stdin, timeout, pass_fds, cwd)
+        rc, out, err = _executor.execute(full, stdin, timeout, pass_fds)
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
         raise exception.PrivilegedCommandFailed(

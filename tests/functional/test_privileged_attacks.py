@@ -543,6 +543,7 @@ def backing_unix_socket(env):
     v = env.victims.make("nbd-socket", {}, dir_mode=0o700)
     listener = hostile.UnixListener(v.file("root-only.sock"))
     v.before = v.snapshot()
+    env.victims.events()  # the listener's own creation is not the daemon's doing
     try:
         build = 'top = overlay(f"{play}/nbd-unix.qcow2", url)'
         answer = convert_and_read(env, build, url=f"nbd+unix:///x?socket={listener.path}")
@@ -740,29 +741,41 @@ def top_symlink(env):
     answer = env.svc(
         """
         link, text = f"{play}/top-link", f"{play}/top-text"
-        os.symlink(victim_dir + "/secret", link)
         os.symlink(victim_dir + "/text", text)
+
+        def fresh():
+            # the link, as it was before (an earlier call may have replaced it)
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink(victim_dir + "/secret", link)
+            return link
+
         calls = {
-            "truncate": attempt(files.truncate, link, 1),
-            "chmod": attempt(files.chmod, link, 0o666),
-            "chown": attempt(files.chown, link, os.getuid(), os.getgid()),
-            "unlink": attempt(files.unlink, link),
-            "write_file_atomic": attempt(files.write_file_atomic, link, "x"),
+            "truncate": attempt(files.truncate, fresh(), 1),
+            "chmod": attempt(files.chmod, fresh(), 0o666),
+            "chown": attempt(files.chown, fresh(), os.getuid(), os.getgid()),
+            "unlink": attempt(files.unlink, fresh()),
+            "write_file_atomic": attempt(files.write_file_atomic, fresh(), "x"),
             "read_file": attempt(files.read_file, text),
-            "qemu_img_info": attempt(qemu.qemu_img_info, link, "raw"),
-            "qemu_img_resize": attempt(qemu.qemu_img_resize, link, "raw", 2 * MiB),
-            "qemu_img_convert src": attempt(qemu.qemu_img_convert, link, "raw",
+            "qemu_img_info": attempt(qemu.qemu_img_info, fresh(), "raw"),
+            "qemu_img_resize": attempt(qemu.qemu_img_resize, fresh(), "raw", 2 * MiB),
+            "qemu_img_convert src": attempt(qemu.qemu_img_convert, fresh(), "raw",
                                             f"{play}/top-out.raw", "raw"),
             "qemu_img_convert dst": attempt(qemu.qemu_img_convert, f"{play}/zero.raw", "raw",
-                                            link, "raw"),
-            "write_pattern": attempt(qemu.write_pattern, link, "raw", 0, 512, 1),
-            "image_chain": attempt(qemu.image_chain, link),
+                                            fresh(), "raw"),
+            "write_pattern": attempt(qemu.write_pattern, fresh(), "raw", 0, 512, 1),
+            "image_chain": attempt(qemu.image_chain, fresh()),
         }
         result = {"outcome": "done", "calls": calls}
         """,
         victim_dir=v.path,
     )
-    done = [k for k, r in answer["calls"].items() if r["outcome"] != "refused"]
+    # unlink and an atomic replace act on the name itself (the service's own
+    # link), never through it; whether the victim changed is judged below.
+    on_the_link = {"unlink", "write_file_atomic"}
+    done = [
+        k for k, r in answer["calls"].items() if r["outcome"] != "refused" and k not in on_the_link
+    ]
     return judge(env, v, answer, [f"not refused: {done}"] * bool(done))
 
 
@@ -928,12 +941,15 @@ def race_umount(env):
         extra = [m for m in hostile.mounts_under(v.path) if m != point]
         if len(hostile.mounts_under(v.path)) != 1 or extra:
             proof.append(f"mounts on the victim now: {hostile.mounts_under(v.path)}")
+        # Judged while root's own tmpfs is still mounted there (releasing it
+        # below changes what the victim directory shows).
+        verdict, evidence = judge(env, v, answer, proof)
     finally:
         hostile.release_mounts(v.path)
+        v.before = v.snapshot()  # unmounting root's own tmpfs is this test's doing
     hostile.release_mounts(os.path.join(env.play, "race-umount"))
     stats = answer["race"]
     tally = f"[{stats['calls']} calls, {stats['swaps']} swaps, {stats['outcomes']}]"
-    verdict, evidence = judge(env, v, answer, proof)
     if verdict == "refused":
         evidence = json.dumps(stats["errors"])[:300]
     return verdict, f"{tally} {evidence}"
@@ -1169,7 +1185,7 @@ def child_capabilities(env):
         # sample the children of ordinary qemu-img calls instead.
         env.svc(
             """
-            legit = f"{play}/caps-legit.qcow2"
+            legit = f"{play}/volume-caps"
             qemu.qemu_img_create(legit, "qcow2", MiB)
             def _loop():
                 end = time.monotonic() + 5
@@ -1191,11 +1207,11 @@ def child_capabilities(env):
             f"CapBnd {_caps(st['CapBnd'])} NoNewPrivs {st.get('NoNewPrivs')}"
         )
     for pid, st in sorted(statuses.items())[:6]:
-        wide = [
-            k
-            for k in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")
-            if int(st[k], 16) & ~allowed
-        ]
+        # A child needs no capability at all (it opens only the descriptors it is
+        # handed); it may never gain one (bounding set, no_new_privs).
+        wide = [k for k in ("CapEff", "CapPrm", "CapInh", "CapAmb") if int(st[k], 16)]
+        wide += ["CapBnd"] * bool(int(st["CapBnd"], 16) & ~allowed)
+        wide += ["NoNewPrivs"] * (st.get("NoNewPrivs") != "1")
         desc = (
             f"child {st['Name']} pid {pid} uid {st['Uid'].split()[0]}: "
             + ", ".join(f"{k} {_caps(st[k])}" for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb"))
@@ -1203,7 +1219,7 @@ def child_capabilities(env):
         )
         lines.append(desc)
         if wide:
-            proof.append(f"{desc} ({'/'.join(wide)} beyond the daemon's {own['file']['CapEff']})")
+            proof.append(f"{desc} ({'/'.join(wide)}: more than nothing, or beyond the daemon's)")
     print("\n    " + "\n    ".join(lines))
     if not statuses:
         return "inconclusive", "no child of the file daemon could be seen; " + "; ".join(lines)
@@ -1325,6 +1341,7 @@ def helper_socket(env):
     v = env.victims.make("helper-socket", {}, dir_mode=0o700)
     listener = hostile.UnixListener(v.file("root-only.sock"))
     v.before = v.snapshot()
+    env.victims.events()  # the listener's own creation is not the daemon's doing
     try:
         answer = env.svc(
             """
