@@ -264,7 +264,7 @@ def test_daemon_leaks_no_descriptor(daemon_base):
 
 
 def test_hundreds_of_megabytes_through_each_mode(base, request):
-    """Export a root-owned 256 MiB volume through the privileged path; data checked, rate printed."""
+    """Export a root-owned 256 MiB volume through the privileged path; data checked, rate shown."""
     mib = 1024 * 1024
     vol = os.path.join(base, "volume-big")
     qemu.qemu_img_create(vol, "raw", 256 * mib)
