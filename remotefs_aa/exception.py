@@ -104,6 +104,29 @@ class LockBackendUnavailable(LockAcquireFailed):
     """The lock backend cannot be reached; the provider is reconnecting."""
 
 
+class LeaseExpired(LockError):
+    """A locked operation's lease ran out (or its lock was lost); the step did not run.
+
+    Raised by the service before it sends a step, and by the privileged
+    daemon, which also ends a running child when the deadline passes. A
+    frozen or cut-off service stops here instead of changing a chain that
+    another host may already own.
+    """
+
+    def __init__(self, locks: str, step: str, reason: str) -> None:
+        super().__init__(locks, step, reason)
+        self.locks = locks
+        self.step = step
+        self.reason = reason
+
+    def message(self) -> str:
+        return (
+            f"fenced: lock {self.locks} no longer surely ours, so {self.step} was refused "
+            f"or stopped ({self.reason}). Another service may hold the lock now; the next "
+            f"operation on the volume finishes or rolls back what this one left. Retry it"
+        )
+
+
 class LockProviderStartFailed(LockError):
     """The provider could not reach its backend at start."""
 

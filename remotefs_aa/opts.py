@@ -76,6 +76,15 @@ coordination_opts = [
         "etcd). No heartbeat thread runs for backends that do not need one.",
     ),
     cfg.FloatOpt(
+        "lease_margin",
+        min=0.0,
+        help="Seconds taken off a lock's lease when computing until when it is "
+        "surely still ours (its fencing deadline: the send time of the last "
+        "confirmed renewal + the backend's lock expiry - this margin). Covers "
+        "clock-rate differences and the time the privileged daemon needs to end "
+        "a step. Unset: max(0.5, a tenth of the expiry). See doc/locking.md.",
+    ),
+    cfg.FloatOpt(
         "initial_reconnect_backoff",
         default=0.1,
         min=0.001,

@@ -10,12 +10,20 @@ Three things tooz leaves to its caller are done here:
   acquires fail at once with LockBackendUnavailable instead of hanging;
 * a start that proves the backend answers: a private lock is taken and
   released, so an unreachable backend fails ``start()`` rather than the
-  first volume operation.
+  first volume operation;
+* leases: every held lock knows until when it is surely ours (the send time
+  of its last *confirmed* acquire or renewal + the backend's expiry - a
+  margin, see :func:`lease_of`), renewed and confirmed by the heartbeat
+  thread lock by lock, and marked lost the moment a renewal is refused or
+  the connection goes; the operations holding it are fenced
+  (``privsep.fence``). doc/locking.md has the arithmetic per backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import random
 import threading
@@ -29,6 +37,7 @@ from tooz import coordination as tooz_coordination
 
 from remotefs_aa import exception, opts
 from remotefs_aa.coordination import base
+from remotefs_aa.privsep import fence
 
 LOG = logging.getLogger(__name__)
 
@@ -38,6 +47,8 @@ _NETWORK_SCHEMES = frozenset({"etcd3+http", "etcd3+https"})
 # Backends whose lock waits queue on the server (first come, first served);
 # every other backend is waited for by polling, see ToozLock._poll.
 _SERVER_SIDE_WAIT_SCHEMES = frozenset({"zookeeper", "kazoo"})
+# A lock that lives as long as its database connection: no lease to renew.
+_CONNECTION_BOUND_SCHEMES = frozenset({"mysql", "postgresql"})
 #: Bounds, in seconds, of the pause between two polls for a busy lock.
 POLL_MIN = 0.001
 POLL_MAX = 0.05
@@ -53,6 +64,7 @@ class ToozLock(base.Lock):
         self._lock = self._coordinator.get_lock(name.encode())
         self._held = False
         self._wake: threading.Event | None = None  # set while a wait is under way
+        self._session: object = None  # ZooKeeper: the session the lock lives in
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """See :meth:`remotefs_aa.coordination.base.Lock.acquire`.
@@ -78,9 +90,13 @@ class ToozLock(base.Lock):
         return got
 
     def _attempt(self) -> bool:
-        """One non-blocking try."""
+        """One non-blocking try; a success starts the lease at the send time."""
+        sent = fence.now()
         got = self._call_backend(blocking=False, timeout=None)
-        if not got and self._provider.fresh_lock_after_failure:
+        if got:
+            self._started_lease(sent)
+            return True
+        if self._provider.fresh_lock_after_failure:
             # A fresh tooz lock object for the next try: tooz's file lock
             # leaves its per-object reference count raised after a failed
             # attempt, then warns that the lock was never released. (Only
@@ -118,6 +134,46 @@ class ToozLock(base.Lock):
             ConnectionError("connection to the backend lost"),
             self._generation,
         )
+
+    def _started_lease(self, sent: float) -> None:
+        self.lost_reason = None
+        self.deadline = self._provider.lease.deadline(sent)
+        self._session = self._provider.session_id()
+        self._provider._held.add(self)
+
+    def renew(self) -> None:
+        """Renew this lock's lease and confirm it is still ours (heartbeat thread).
+
+        Only a confirmed renewal moves :attr:`deadline`; a refusal marks the
+        lock lost. Connection errors propagate (the provider then loses
+        every lock of the connection).
+        """
+        kind = self._provider.lease.kind
+        sent = fence.now()
+        ttl: float | None = None
+        try:
+            if kind == "per-lock":
+                ok = bool(self._lock.heartbeat())
+                if ok and self._provider.lease.check_owner:
+                    # memcached's touch also extends *someone else's* key: only
+                    # a read after it proves the key is still ours.
+                    ok = bool(self._lock.is_still_owner())
+            elif kind == "etcd":
+                # tooz's etcd lock ignores the keepalive's answer (it reports
+                # success for an expired lease); the TTL it returns is the truth.
+                ttl = float(self._lock._lease.refresh())  # private: see doc/locking.md
+                ok = ttl > 0
+            else:
+                ok = self._session == self._provider.session_id()
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise
+            self.lost(f"its renewal was refused ({describe_error(exc)})")
+            return
+        if ok:
+            self.confirmed(self._provider.lease.deadline(sent, ttl))
+        else:
+            self.lost("its renewal was refused: the backend says it is no longer ours")
 
     def _call_backend(self, blocking: bool, timeout: float | None) -> bool:
         # The wait bound goes in ``blocking`` as a number: that is the one
@@ -195,6 +251,7 @@ class ToozLock(base.Lock):
         if not self._held:
             raise exception.LockError(f"lock {self.name} is not held; nothing to release")
         self._held = False
+        self._provider._held.discard(self)
         if self._generation != self._provider._generation or not self._provider.connected:
             # Taken on a coordinator whose connection was lost (or that was
             # already replaced): the backend dropped the lock or expires it
@@ -257,6 +314,9 @@ class ToozLockProvider(base.LockProvider):
         self._last_error: str | None = None
         self._next_attempt_at = 0.0
         self._inflight: set[ToozLock] = set()
+        #: Locks held now, renewed lock by lock by the heartbeat thread.
+        self._held: set[ToozLock] = set()
+        self.lease = lease_of(self._url, self._coord_conf)
         self.reconnects = 0
 
     @property
@@ -303,18 +363,58 @@ class ToozLockProvider(base.LockProvider):
                 f"Check that the server runs and [coordination] backend_url is right"
             ) from exc
         self._generation += 1
+        self._check_heartbeat_fits_lease()
         if self._coordinator.requires_beating:
             self._heartbeat_thread = threading.Thread(
                 target=self._heartbeat_loop, name="remotefs_aa-tooz-heartbeat", daemon=True
             )
             self._heartbeat_thread.start()
         LOG.info(
-            "Lock provider tooz started: backend %s, member %s, spans hosts: %s, heartbeat: %s",
+            "Lock provider tooz started: backend %s, member %s, spans hosts: %s, heartbeat: %s, "
+            "lease: %s",
             self.describe(),
             self._member_id,
             self.spans_hosts,
             self.requires_heartbeat,
+            self.lease.describe(),
         )
+
+    def _check_heartbeat_fits_lease(self) -> None:
+        """Renewals must come well before the deadline they move, or every step is fenced."""
+        usable = self.lease.seconds - self.lease.margin
+        if not math.isfinite(usable):
+            if self.lease.kind == "none" and self._scheme in _CONNECTION_BOUND_SCHEMES:
+                LOG.warning(
+                    "Lock backend %s holds a lock for as long as its connection lives and "
+                    "has no lease: a lock the server drops (restart, kill, idle timeout) "
+                    "is not noticed, and only the compare-and-swap on the share fences "
+                    "the old holder. Prefer Redis, etcd or ZooKeeper for Active-Active",
+                    self.describe(),
+                )
+            return
+        interval = self._coord_conf.heartbeat
+        if interval >= usable:
+            raise exception.InvalidConfig(
+                "[coordination] heartbeat",
+                interval,
+                f"locks on {self.describe()} are surely ours for {usable:.1f} s after a "
+                f"renewal ({self.lease.describe()}); renew at least twice in that time: "
+                f"heartbeat <= {usable / 2:.1f}, or raise the backend's lock timeout",
+            )
+        if interval > usable / 2:
+            LOG.warning(
+                "[coordination] heartbeat = %s s leaves one renewal per %.1f s lease "
+                "window (%s); a single slow renewal will fence operations",
+                interval,
+                usable,
+                self.lease.describe(),
+            )
+
+    def session_id(self) -> object:
+        """ZooKeeper's session id (a lock lives only as long as its session), else None."""
+        client = getattr(self._coordinator, "_coord", None)
+        client_id = getattr(client, "client_id", None) if client is not None else None
+        return client_id[0] if client_id else None
 
     def _connect(self) -> tooz_coordination.CoordinationDriver:
         """Start a fresh coordinator and prove the backend answers."""
@@ -428,8 +528,11 @@ class ToozLockProvider(base.LockProvider):
                 waiting = [lk for lk in list(self._inflight) if lk._generation == generation]
             else:
                 waiting = []
+            gone = [lk for lk in list(self._held) if lk._generation == generation]
         for lock in waiting:
             lock.cancel_wait()
+        for lock in gone:
+            lock.lost(f"the connection to the backend was lost ({reason})")
         return exception.LockBackendUnavailable(
             name,
             f"lock backend {self.describe()} failed while {doing} the lock ({reason}); "
@@ -488,8 +591,15 @@ class ToozLockProvider(base.LockProvider):
                 generation = self._generation
             if coordinator is None:
                 continue
+            held = [lk for lk in list(self._held) if lk._generation == generation]
             try:
+                # tooz's heartbeat keeps the connection (and its own keys) alive,
+                # but for most drivers says nothing reliable about each lock; the
+                # renewal that moves a lock's deadline is confirmed lock by lock.
                 coordinator.heartbeat()
+                if self.lease.kind != "none":
+                    for lock in held:
+                        lock.renew()
             except Exception as exc:
                 self._connection_lost("(heartbeat)", "heartbeating", exc, generation)
 
@@ -541,3 +651,72 @@ def describe_error(exc: BaseException) -> str:
     if not text and cause is not None:
         return f"{type(exc).__name__}: {describe_error(cause)}"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """How a backend's locks expire, and the deadline arithmetic (doc/locking.md).
+
+    ``kind``: ``per-lock`` (Redis, memcached: each lock's key has a TTL,
+    renewed by ``lock.heartbeat()``), ``etcd`` (a lease per lock; its TTL is
+    read from the keepalive answer), ``session`` (ZooKeeper: the session is
+    the lease), ``none`` (file, SQL: nothing expires while the holder lives).
+    """
+
+    kind: str
+    seconds: float
+    margin: float
+    check_owner: bool = False
+
+    def deadline(self, sent: float, ttl: float | None = None) -> float:
+        """Surely ours until: the send time + the expiry - the margin."""
+        seconds = self.seconds if ttl is None else ttl
+        if not math.isfinite(seconds):
+            return math.inf
+        return sent + seconds - self.margin
+
+    def describe(self) -> str:
+        if not math.isfinite(self.seconds):
+            return f"{self.kind} (no expiry)"
+        return f"{self.kind}, {self.seconds:g} s, margin {self.margin:g} s"
+
+
+def lease_of(url: str, group: object) -> Lease:
+    """The lease model of a tooz URL (its query options as tooz reads them)."""
+    parsed = parse.urlparse(url)
+    query = {k: v[-1] for k, v in parse.parse_qs(parsed.query).items()}
+    scheme = parsed.scheme
+
+    def seconds(*keys: str, default: float) -> float:
+        for key in keys:
+            if key in query:
+                try:
+                    return float(query[key])
+                except ValueError:
+                    break
+        return default
+
+    if scheme in ("redis", "rediss", "redis+sentinel"):
+        kind, lease, check = "per-lock", seconds("lock_timeout", "timeout", default=30), False
+    elif scheme == "memcached":
+        # memcached counts whole seconds: a key set to live N s may vanish after N-1.
+        lease = seconds("lock_timeout", "timeout", default=30) - 1
+        kind, check = "per-lock", True
+    elif scheme in _NETWORK_SCHEMES:
+        kind, lease, check = "etcd", seconds("lock_timeout", "timeout", default=30), False
+    elif scheme in _SERVER_SIDE_WAIT_SCHEMES:
+        kind, lease, check = "session", seconds("timeout", default=10), False
+    else:
+        kind, lease, check = "none", math.inf, False
+    configured = getattr(group, "lease_margin", None)
+    margin = (
+        float(configured)
+        if configured is not None
+        else (max(0.5, 0.1 * lease) if math.isfinite(lease) else 0.0)
+    )
+    return Lease(kind, lease, margin, check)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Whether a tooz error means the backend is unreachable (not: the lock is gone)."""
+    return isinstance(exc, tooz_coordination.ToozConnectionError | ConnectionError | OSError)

@@ -69,6 +69,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -88,6 +89,15 @@ class ImageIO(Protocol):
     def read_text(self, path: str) -> str | None: ...
     def replace_text_if(
         self, path: str, data: str, expected: str | None, durable: bool = True, mode: int = 0o640
+    ) -> str | None: ...
+    def publish_info(
+        self,
+        directory: str,
+        base: str,
+        data: str,
+        generation: int,
+        expected: str | None,
+        mode: int = 0o640,
     ) -> str | None: ...
     def unlink(self, path: str) -> bool: ...
     def unlink_many(self, directory: str, names: list[str]) -> list[str]: ...
@@ -138,6 +148,17 @@ class PrivilegedIO:
         self, path: str, data: str, expected: str | None, durable: bool = True, mode: int = 0o640
     ) -> str | None:
         return self.files.replace_file_if(path, data, expected, mode=mode, durable=durable)
+
+    def publish_info(
+        self,
+        directory: str,
+        base: str,
+        data: str,
+        generation: int,
+        expected: str | None,
+        mode: int = 0o640,
+    ) -> str | None:
+        return self.files.publish_info(directory, base, data, generation, expected, mode)
 
     def unlink(self, path: str) -> bool:
         return self.files.unlink(path)
@@ -370,10 +391,11 @@ class Chain:
         """
         seen = self.io.volume_state(self.directory, self.base, self.default_format, walk)
         text = seen["info"]
-        if text is None:
+        if seen["deleting"]:
+            # The deletion's marker wins over whatever .info or claims remain.
+            state = ChainState(self.base, {}, 0, self.default_format, {"op": "delete_volume"})
+        elif text is None:
             state = ChainState(self.base, {}, 0, self.default_format)
-            if seen["deleting"]:
-                state.intent = {"op": "delete_volume"}
         else:
             state = parse_info(self.info_path, text, self.default_format)
             for name in (state.active, *state.snapshots.values()):
@@ -473,20 +495,22 @@ class Chain:
 
     # -- writing -------------------------------------------------------------
 
-    def save(self, state: ChainState, durable: bool = True, **changes: Any) -> ChainState:
-        """Compare-and-swap ``state`` with ``changes`` applied; the new state.
+    def save(self, state: ChainState, **changes: Any) -> ChainState:
+        """Publish ``state`` with ``changes`` as the next generation; the new state.
 
-        ``durable=False`` skips the directory fsync after the rename (the file
-        itself is always fsync'd before it): for writes that publish a finished
-        change, whose loss in a power cut recovery handles (an orphan, or an
-        intent still pending). Intents are always durable: they must be on
-        disk before the destructive step they announce.
+        An atomic compare-and-swap on the share (``files.publish_info``: the
+        claim of generation N+1 is created exclusively, so of all writers that
+        read N exactly one wins), durable before it returns (a change reported
+        as done survives a power cut). A writer that lost raises
+        StaleInfoGeneration and changes nothing more.
         """
         new = dataclasses.replace(state, **changes)
         new.snapshots = dict(new.snapshots)
         new.generation = state.generation + 1
         text = new.render()
-        current = self.io.replace_text_if(self.info_path, text, state.raw, durable, self.info_mode)
+        current = self.io.publish_info(
+            self.directory, self.base, text, new.generation, state.raw, self.info_mode
+        )
         if current is not None:
             found: int | None = None
             try:
@@ -600,11 +624,14 @@ class Chain:
             self.io.convert(src, src_fmt, tmp, state.format, sparse, self.mode)
             if src_size < self.size_bytes:
                 self._grow(tmp, state.format, not sparse)
+            # Claimed before the base is replaced: a holder whose lock lapsed
+            # stops here with the old base intact (and its temp file removed).
+            state = self.save(state)
             self.io.rename(tmp, self.path(self.base))
         except BaseException:
             self.io.unlink(tmp)
             raise
-        return self.save(state)
+        return state
 
     def _publish_tmp(self, fmt: str) -> ChainState:
         self.io.rename(self.path(self.tmp_name), self.path(self.base))
@@ -647,7 +674,7 @@ class Chain:
         top = self.trusted_chain(state)[0]
         self.io.create(self.path(new), "qcow2", self.size_bytes, top.name, top.format, self.mode)
         snapshots = {**state.snapshots, snapshot_id: new}
-        return self.save(state, durable=False, active=new, snapshots=snapshots)
+        return self.save(state, active=new, snapshots=snapshots)
 
     def _sweep_orphans(self, state: ChainState) -> None:
         """Remove overlays of this volume that the .info file does not name.
@@ -730,13 +757,26 @@ class Chain:
                 needed = self.io.image_chain(self.path(higher))[0].get("backing_file") == target
         if present:
             if needed:
+                state = self._claim(state, intent, "commit")
                 self.io.commit(self.path(target))
                 if higher:
+                    state = self._claim(state, intent, "rebase")
                     self.io.rebase_unsafe(self.path(higher), base, intent["base_format"])
+            state = self._claim(state, intent, "unlink")
             self.io.unlink(self.path(target))
         snapshots = {k: v for k, v in state.snapshots.items() if k != intent["snapshot"]}
         active = base if state.active == target else state.active
-        return self.save(state, durable=False, active=active, snapshots=snapshots, intent=None)
+        return self.save(state, active=active, snapshots=snapshots, intent=None)
+
+    def _claim(self, state: ChainState, intent: dict, step: str) -> ChainState:
+        """Claim the next destructive step through the compare-and-swap, then do it.
+
+        A holder whose lock lapsed meanwhile finds a newer generation and stops
+        here (StaleInfoGeneration) before it touches any data; the intent names
+        the step, so a crash right after the claim is finished by the next
+        holder from that step on.
+        """
+        return self.save(state, intent={**intent, "step": step})
 
     def revert(self, snapshot_id: str) -> ChainState:
         state = self.load_recovered()
@@ -764,8 +804,9 @@ class Chain:
         tmp = self.path(f".{overlay}.revert")
         backing = self._checked_name(intent["backing"])
         self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"], self.mode)
+        state = self._claim(state, intent, "rename")
         self.io.rename(tmp, self.path(overlay))
-        return self.save(state, durable=False, intent=None)
+        return self.save(state, intent=None)
 
     def extend(self, new_size_gib: int, thick: bool = False) -> ChainState:
         state = self.load_recovered()
@@ -782,21 +823,36 @@ class Chain:
         # the backing file's data would show through). The checked headers
         # already say; when it is not, the chain is left closed.
         skip = len(links) > 1 and links[1].virtual_size <= top.virtual_size
+        # The claim (a new generation, nothing else changed) fences a holder
+        # whose lock lapsed; a crash after it changes nothing to recover.
+        state = self.save(state)
         self._grow(self.path(top.name), top.format, thick, skip_backing=skip)
         return state
 
     def delete_volume(self) -> None:
         """Remove every file of the volume, then the .info file; missing files are fine."""
         state = self.load(walk=False)  # InvalidInfoFile: never delete what we cannot read
+        if state.raw is not None and not state.intent:
+            # Claimed through the compare-and-swap first (a holder whose lock
+            # lapsed stops here); then the marker: once .info is renamed away,
+            # every reader sees a volume being deleted.
+            state = self.save(state, intent={"op": "delete_volume"})
         if state.raw is not None:
-            # The intent: once the .info file is renamed away, every reader
-            # (and a fenced writer whose lock lapsed) sees a volume being deleted.
             self.io.rename(self.info_path, self.deleting_path)
-        self._delete_files(state)
+        self._delete_files(state, fresh=True)
 
-    def _delete_files(self, state: ChainState) -> None:
-        """Every file of the volume, top of the chain first, the marker last."""
-        files = self._files(state)
+    def _delete_files(self, state: ChainState, fresh: bool = False) -> None:
+        """Every file of the volume, top of the chain first, the marker last.
+
+        ``fresh``: list the volume's own names again (the claim just written
+        is not in the listing ``load`` made).
+        """
+        if fresh:
+            files = self.io.volume_state(
+                self.directory, self.base, self.default_format, walk=False
+            )["files"]
+        else:
+            files = self._files(state)
         marker = os.path.basename(self.deleting_path)
         order = [state.active, *sorted(state.snapshots.values(), reverse=True)]
         mine = sorted((n for n in files if self._own(n)), reverse=True)
@@ -843,7 +899,10 @@ class Chain:
             if name not in chain_names:
                 problems.append(f"snapshot {snap}: {name} is not in the chain")
         files = self._files(state)
+        claims = re.compile(rf"^\.{re.escape(self.base)}\.gen\.[0-9]+$")
         for name in files:
+            if claims.match(name):
+                continue  # the compare-and-swap's generation claims (a bounded few)
             if (self._own(name) or name.startswith(f".{self.base}.")) and (name not in chain_names):
                 problems.append(f"orphan file {name}")
         if deep:

@@ -25,6 +25,7 @@ from remotefs_aa import exception
 from remotefs_aa.privsep import (
     confine,
     entrypoint,
+    fence,
     process_info,
     runner,
     settings,
@@ -274,3 +275,15 @@ def is_mounted(mountpoint: str) -> bool:
 def daemon_info() -> dict:
     """Pid, uid and effective capabilities of the mount daemon."""
     return process_info()
+
+
+@entrypoint(sys_admin_pctxt)
+def fence_extend(token: str, deadline: float) -> bool:
+    """A confirmed lease renewal: let the fenced step ``token`` run until ``deadline``."""
+    return fence.extend(str(token), float(deadline))
+
+
+@entrypoint(sys_admin_pctxt)
+def fence_abort(token: str) -> bool:
+    """The lock was lost: end the fenced step ``token`` now."""
+    return fence.abort(str(token))

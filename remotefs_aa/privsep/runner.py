@@ -12,6 +12,7 @@ import shlex
 import subprocess
 
 from remotefs_aa import exception
+from remotefs_aa.privsep import fence
 
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -45,7 +46,11 @@ class Executor:
 
         ``pass_fds``: descriptors the child keeps (the images it is given as
         ``/proc/self/fd/N``); every other descriptor is closed in the child.
+        Inside a fenced step the child is ended when the lease's deadline
+        passes (see ``fence.py``).
         """
+        if fence.running_deadline() is not None:
+            return _fenced(argv, stdin, timeout, pass_fds)
         proc = subprocess.run(
             argv,
             input=stdin,
@@ -58,6 +63,46 @@ class Executor:
             pass_fds=pass_fds,
         )
         return proc.returncode, proc.stdout, proc.stderr
+
+
+#: How often a fenced child's deadline is looked at: the enforcement delay is at
+#: most this (plus the kill), well inside the lease margin (``coordination``).
+FENCE_POLL = 0.1
+
+
+def _fenced(
+    argv: list[str], stdin: str | None, timeout: float, pass_fds: tuple[int, ...]
+) -> tuple[int, str, str]:
+    """Run a child under the running step's deadline; LeaseExpired when it passes."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_ENV,
+        pass_fds=pass_fds,
+    )
+    give_up = fence.now() + timeout
+    pending: str | None = stdin
+    while True:
+        token, deadline = fence.running_deadline() or ("", float("inf"))
+        left = deadline - fence.now()
+        if left <= 0:
+            proc.kill()
+            proc.communicate()
+            raise exception.LeaseExpired(
+                token, argv[0], "its lease ran out while it ran; the command was ended"
+            )
+        if fence.now() >= give_up:
+            proc.kill()
+            proc.communicate()
+            raise subprocess.TimeoutExpired(argv, timeout)
+        try:
+            out, err = proc.communicate(pending, timeout=max(0.001, min(left, FENCE_POLL)))
+            return proc.returncode, out, err
+        except subprocess.TimeoutExpired:
+            pending = None  # handed over by the first communicate
 
 
 class _RootwrapExecutor(Executor):

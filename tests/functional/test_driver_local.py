@@ -52,8 +52,9 @@ def test_volume_with_snapshots_is_deleted_completely(raw_driver):
     for snap in snaps:
         raw_driver.create_snapshot(snap)
     assert len(v.volume_files(raw_driver, vol)) == 5
+    assert len(v.volume_files(raw_driver, vol, claims=True)) == 5 + 4  # one per generation
     raw_driver.delete_volume(vol)
-    assert v.volume_files(raw_driver, vol) == []
+    assert v.volume_files(raw_driver, vol, claims=True) == []
     raw_driver.delete_volume(vol)  # again: nothing left, no error
 
 

@@ -83,11 +83,20 @@ def snapshot_image(driver, snapshot) -> tuple[str, str]:
     return chain.path(link.name), link.format
 
 
-def volume_files(driver, volume) -> list[str]:
-    """Every file of the volume (and its leftovers) on its share, sorted."""
+def volume_files(driver, volume, claims: bool = False) -> list[str]:
+    """Every file of the volume (and its leftovers) on its share, sorted.
+
+    ``claims``: include the compare-and-swap's generation claims
+    (``.volume-<id>.gen.<N>``, a bounded few per volume), which are
+    bookkeeping, not images or leftovers.
+    """
     directory = driver.share_path(volume.provider_location)
     base = f"volume-{volume.id}"
-    return sorted(n for n in os.listdir(directory) if base in n)
+    return sorted(
+        n
+        for n in os.listdir(directory)
+        if base in n and (claims or not n.startswith(f".{base}.gen."))
+    )
 
 
 def new_volume(driver, size: int = 1) -> Volume:

@@ -29,6 +29,7 @@ SAMPLES: dict[type, tuple] = {
     exception.LockBusy: ("remotefs_aa-v1", "held elsewhere"),
     exception.LockBackendUnavailable: ("remotefs_aa-v1", "redis down"),
     exception.LockProviderStartFailed: ("cannot reach redis",),
+    exception.LeaseExpired: ("remotefs_aa-v1", "qemu_img_commit", "lease ran out 1.2 s ago"),
     exception.HostLocalLockProvider: ("cluster set, file locks",),
     exception.PrivilegedError: ("privileged trouble",),
     exception.PrivilegedArgumentRefused: ("path '/etc' lies outside",),
