@@ -22,8 +22,9 @@ Same command line as oslo.privsep's ``privsep-helper`` (``--privsep_context``,
   otherwise, so files it creates belong to the service and its qemu-img
   children run as the service with no capability.
 
-Then it runs the stock ``oslo_privsep.daemon.Daemon``, which exits when the
-service closes the connection (or dies).
+Then it runs the stock ``oslo_privsep.daemon.Daemon``. When the service
+closes the connection (or dies) the daemon exits at once, and a watchdog
+(``runner.use_watchdog``) kills the qemu-img children still running.
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ def helper_main() -> None:
     keep = [int(c) for c in cfg.CONF[section].capabilities]
     if context is privsep.sys_admin_pctxt:
         runner.child_capabilities = keep  # mount(8) and the FUSE client need them
+    else:
+        # (Not the mount daemon's: a FUSE client it starts must outlive it.)
+        runner.use_watchdog = True
     caps.harden(keep, allow_ambient=context is privsep.sys_admin_pctxt)
     channel = comm.ServerChannel(sock)
 
@@ -149,5 +153,7 @@ def helper_main() -> None:
         priv_daemon.Daemon(channel, context).run()
     except Exception as exc:
         LOG.exception(exc)
-        sys.exit(str(exc))
-    sys.exit(0)
+        os._exit(1)
+    # The service closed the connection (or died): exit now, without waiting
+    # for calls still running; the watchdog then ends their children.
+    os._exit(0)
