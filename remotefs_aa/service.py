@@ -40,12 +40,16 @@ def make_config(
     return conf
 
 
+_drivers: list[VolumeDriver] = []
+
+
 def start(conf: cfg.ConfigOpts, host: str | None = None) -> VolumeDriver:
     """Privileged helper mode, lock provider, then the driver, set up and checked."""
     privsep.init(conf)
     coordination.start(conf)
     try:
         driver = drivers.load_driver(conf, host=host)
+        _drivers.append(driver)
         driver.do_setup()
         driver.check_for_setup_error()
     except BaseException:
@@ -55,11 +59,17 @@ def start(conf: cfg.ConfigOpts, host: str | None = None) -> VolumeDriver:
 
 
 def stop() -> None:
-    """Stop the lock provider and the privileged daemons this process started."""
+    """Close the drivers, stop the lock provider and the privileged daemons this process started."""
     try:
-        coordination.stop()
+        while _drivers:
+            close = getattr(_drivers.pop(), "close", None)
+            if close is not None:
+                close()
     finally:
-        privsep.stop()
+        try:
+            coordination.stop()
+        finally:
+            privsep.stop()
 
 
 @contextlib.contextmanager

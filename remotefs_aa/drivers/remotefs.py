@@ -26,8 +26,9 @@ from typing import Any
 
 from oslo_config import cfg
 
-from remotefs_aa import exception
+from remotefs_aa import coordination, exception
 from remotefs_aa.coordination import synchronized
+from remotefs_aa.drivers import presence
 from remotefs_aa.drivers.base import ModelUpdate, VolumeDriver
 from remotefs_aa.image.chain import Chain, GiB, ImageIO, PrivilegedIO
 from remotefs_aa.image.qemu import ImageInfo
@@ -37,6 +38,9 @@ LOG = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
 _BASE_RE = re.compile(r"^volume-([A-Za-z0-9][A-Za-z0-9_-]*)$")
+_LEFTOVER = re.compile(
+    r"^\.volume-(?P<vol>[A-Za-z0-9][A-Za-z0-9_-]{0,127})\.(?:tmp|info\.tmp-[0-9a-f]+)$"
+)
 
 
 class RemoteFSDriver(VolumeDriver):
@@ -68,6 +72,7 @@ class RemoteFSDriver(VolumeDriver):
         self._provisioned: dict[str, dict[str, int]] = {}
         self._scanned_at: dict[str, float] = {}
         self._stats_lock = threading.Lock()
+        self._presence: presence.Presence | None = None
 
     # -- what subclasses provide ---------------------------------------------
 
@@ -107,6 +112,52 @@ class RemoteFSDriver(VolumeDriver):
             raise exception.InvalidConfig(self.driver_name + " shares", [], "no share configured")
         for share in self._shares:
             self.ensure_share_ready(share)
+        self._presence = presence.Presence(self.host, self.io)
+        try:
+            for share in self._shares:
+                self._presence.join(share, self.share_path(share))
+                self.sweep_leftovers(share)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Leave the shares: this service's records there and its presence lock."""
+        if self._presence is not None:
+            self._presence.leave()
+            self._presence = None
+
+    def sweep_leftovers(self, share: str) -> dict[str, list[str]]:
+        """Remove what interrupted creates, clones and publishes left on ``share``.
+
+        ``.volume-<id>.tmp`` (a create, clone, or image copy that died),
+        ``.volume-<id>.info.tmp-*`` (an ``.info`` publish that died before its
+        claim). Each is removed under its volume's lock, taken without
+        waiting: a leftover whose volume is busy may be another host's work
+        in progress and is kept. A revert's ``.volume-<id>.<snap>.revert`` is
+        the next operation's to finish (its intent says so) and is left to it.
+        Returns ``{"removed": [...], "kept": [...]}``.
+        """
+        path = self.share_path(share)
+        result: dict[str, list[str]] = {"removed": [], "kept": []}
+        for name in sorted(self.io.list_directory(path)):
+            match = _LEFTOVER.match(name)
+            if not match:
+                continue
+            try:
+                with coordination.locked(match["vol"], blocking=False, purpose=f"sweep {name}"):
+                    self.io.unlink(os.path.join(path, name))
+            except exception.LockBusy:
+                result["kept"].append(name)
+                continue
+            LOG.warning(
+                "volume %s: removed %s on %s, left by an interrupted operation",
+                match["vol"],
+                name,
+                share,
+            )
+            result["removed"].append(name)
+        return result
 
     def check_for_setup_error(self) -> None:
         for share in self._shares:

@@ -52,6 +52,15 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def _uid_of(user: str) -> int | None:
+    import pwd
+
+    try:
+        return int(user) if str(user).isdigit() else pwd.getpwnam(str(user)).pw_uid
+    except KeyError:
+        return None
+
+
 def _refuse_foreign_configs() -> None:
     """Config files only root controls, and none where the daemon itself may write.
 
@@ -133,9 +142,19 @@ def helper_main() -> None:
     _pid, uid, gid = peer_credentials(sock)
 
     section = context.cfg_section
-    if context is privsep.file_pctxt and uid != 0 and cfg.CONF[section].user is None:
-        cfg.CONF.set_override("user", str(uid), group=section)
-        cfg.CONF.set_override("group", str(gid), group=section)
+    if context is privsep.file_pctxt and uid != 0:
+        configured = cfg.CONF[section].user
+        if configured is None:
+            cfg.CONF.set_override("user", str(uid), group=section)
+            cfg.CONF.set_override("group", str(gid), group=section)
+        elif _uid_of(configured) == 0:
+            # A root file daemon would make root-owned files wherever the
+            # service points it, config files that pass root_controlled included.
+            sys.exit(
+                f"{privsep.HELPER_NAME}: [{section}] user = {configured} would run the file "
+                f"daemon as root for an unprivileged service (uid {uid}); leave it unset "
+                f"(the daemon then runs as the service's user)"
+            )
     keep = [int(c) for c in cfg.CONF[section].capabilities]
     if context is privsep.sys_admin_pctxt:
         runner.child_capabilities = keep  # mount(8) and the FUSE client need them

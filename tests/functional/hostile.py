@@ -541,12 +541,12 @@ def remove_tree(path: str) -> None:
 class UnixListener:
     """A root-only UNIX socket that records who connects (pid, uid, gid from SO_PEERCRED)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, mode: int = 0o600) -> None:
         self.path = path
         self.peers: list[tuple[int, int, int]] = []
         self._server = socket.socket(socket.AF_UNIX)
         self._server.bind(path)
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
         self._server.listen(8)
         self._server.settimeout(0.2)
         self._stop = threading.Event()
