@@ -186,14 +186,23 @@ def entrypoint(ctx: Context) -> Callable[[F], F]:
         @functools.wraps(func)
         def call(*args: Any, **kwargs: Any) -> Any:
             current = fence.current()
-            if current is None or not fence.ENFORCE or "_fence" in kwargs:
+            if current is None or "_fence" in kwargs:
                 return remote(*args, **kwargs)
-            current.check(func.__name__)
-            token = current.begin(_senders(ctx))
+            hook = fence.on_step
+            if hook is not None:
+                hook("before", func.__name__)
             try:
-                return remote(*args, _fence=(token, current.deadline), **kwargs)
+                if not fence.ENFORCE:
+                    return remote(*args, **kwargs)
+                current.check(func.__name__)
+                token = current.begin(_senders(ctx))
+                try:
+                    return remote(*args, _fence=(token, current.deadline), **kwargs)
+                finally:
+                    current.end(token)
             finally:
-                current.end(token)
+                if hook is not None:
+                    hook("after", func.__name__)
 
         # The daemon finds the entrypoint by this module attribute and checks
         # the marker oslo.privsep set on what ctx.entrypoint returned.

@@ -39,6 +39,12 @@ from remotefs_aa import exception
 #: so the pause tests can show what happens without them. Never set in production.
 ENFORCE = True
 
+#: Fault-injection point for the tests: called as ``on_step(when, step)`` with
+#: ``when`` "before" / "after" around every privileged call made inside a
+#: locked operation (``step`` is the entrypoint's name), in the calling
+#: thread. None (always, outside tests).
+on_step: Callable[[str, str], None] | None = None
+
 
 def now() -> float:
     """Seconds on CLOCK_BOOTTIME (counts through a suspend, unlike CLOCK_MONOTONIC)."""
