@@ -108,6 +108,8 @@ class Presence:
             if not isinstance(record, dict):
                 continue
             age = time.time() - float(record.get("updated", 0))
+            if record.get("node") == socket.gethostname() and record.get("pid") == self.pid:
+                continue  # this process (another driver of it): one provider, one set of locks
             if record.get("node") == socket.gethostname() and not _alive(record.get("pid")):
                 with contextlib.suppress(exception.RemoteFSAAError, OSError):
                     self.io.unlink(path)  # this node's, and its process is gone

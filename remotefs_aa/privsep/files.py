@@ -163,6 +163,7 @@ def _size_file(
         try:
             _single_link(fd, path)
             syscall(fd, size)
+            os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -66,6 +66,8 @@ def _new_file(dirfd: int, directory: str, name: str, mode: int) -> Iterator[int]
     try:
         os.fchmod(fd, bits)  # exactly: the process umask must not change it
         yield fd
+        # What qemu-img wrote is on disk before the caller publishes it.
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
