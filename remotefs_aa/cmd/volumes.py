@@ -120,7 +120,8 @@ def _emit(args: argparse.Namespace, result: dict, rows: list[tuple[str, Any]]) -
     if args.format == "json":
         print(json.dumps(result, indent=2, sort_keys=True))
         return
-    print(key_values(rows))
+    # true/false as in the JSON, not Python's True/False.
+    print(key_values([(k, str(v).lower() if isinstance(v, bool) else v) for k, v in rows]))
 
 
 # -- single operations ------------------------------------------------------------
@@ -293,8 +294,13 @@ def cmd_snapshot_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
 def cmd_snapshot_delete(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         snap = Snapshot(_find(driver, args.volume), id=args.snapshot)
-        _, ms = _timed(lambda: driver.delete_snapshot(snap))
-    result = {"id": snap.id, "volume_id": args.volume, "deleted": True, "ms": round(ms, 1)}
+        deleted, ms = _timed(lambda: driver.delete_snapshot(snap))
+    # Deleting a missing snapshot succeeds (Cinder's rule, so retries are safe),
+    # but says that nothing was there: a mistyped id must not read as "deleted".
+    result: dict[str, Any] = {"id": snap.id, "volume_id": args.volume, "deleted": bool(deleted)}
+    if not deleted:
+        result["reason"] = "not found"
+    result["ms"] = round(ms, 1)
     _emit(args, result, list(result.items()))
     return 0
 

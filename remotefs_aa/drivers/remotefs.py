@@ -263,8 +263,15 @@ class RemoteFSDriver(VolumeDriver):
         return None
 
     @synchronized("{snapshot.volume_id}")
-    def delete_snapshot(self, snapshot: Any) -> None:
+    def delete_snapshot(self, snapshot: Any) -> bool:
+        """Merge the snapshot away; False when it was not there (still a success, as in Cinder).
+
+        Cinder ignores the return value; the CLI reports it, so an operator who
+        mistyped a snapshot id is told instead of reading "deleted".
+        """
         state = self.chain(snapshot.volume).delete_snapshot(snapshot.id)
+        if state.not_found:
+            return False
         LOG.info(
             "snapshot %s of volume %s: deleted (active %s, generation %d)",
             snapshot.id,
@@ -272,6 +279,7 @@ class RemoteFSDriver(VolumeDriver):
             state.active,
             state.generation,
         )
+        return True
 
     @synchronized("{volume.id}")
     def revert_to_snapshot(self, context: Any, volume: Any, snapshot: Any) -> None:

@@ -243,6 +243,9 @@ class ChainState:
     intent: dict | None = None
     #: The file's exact text as read; None when the file does not exist.
     raw: str | None = None
+    #: Set by delete_snapshot when the snapshot was not there (nothing changed),
+    #: so callers can say so; never written to the file.
+    not_found: bool = False
 
     def render(self) -> str:
         """The JSON text, Cinder's keys first, with the next generation."""
@@ -691,7 +694,7 @@ class Chain:
         if snapshot_id not in state.snapshots:
             # Deleting what is gone succeeds, as in Cinder.
             LOG.info("snapshot %s of volume %s: already gone", snapshot_id, self.volume_id)
-            return state
+            return dataclasses.replace(state, not_found=True)
         target = state.snapshots[snapshot_id]
         links = self.trusted_chain(state)
         names = [link.name for link in links]

@@ -39,7 +39,14 @@ def test_volume_and_snapshot_commands(tmp_path):
     _json(config, "snapshot", "revert", vol["id"], snap["id"])
     _json(config, "volume", "extend", vol["id"], "3")
     assert _json(config, "volume", "show", vol["id"])["size_gib"] == 3
-    _json(config, "snapshot", "delete", vol["id"], snap["id"])
+    deleted = _json(config, "snapshot", "delete", vol["id"], snap["id"])
+    assert deleted["deleted"] is True and "reason" not in deleted
+    # Deleting it again still succeeds (Cinder's rule) but says it was not there.
+    again = _json(config, "snapshot", "delete", vol["id"], snap["id"])
+    assert again["deleted"] is False and again["reason"] == "not found"
+    proc = run_cli("--config-file", config, "snapshot", "delete", vol["id"], "NOSUCH")
+    assert proc.returncode == 0
+    assert "deleted    false" in proc.stdout and "reason     not found" in proc.stdout
     stats = _json(config, "stats")
     assert stats["provisioned_capacity_gb"] == pytest.approx(6, abs=0.01)
     for volume in (vol, clone, copy):
