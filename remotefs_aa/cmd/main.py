@@ -262,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     _setup_logging(conf, args)
+    if args.command != "demo-worker":  # the demo already warned, once
+        for warning in service.unknown_options(conf):
+            LOG.warning("configuration: %s", warning)
     try:
         return args.func(conf, args)
     except (exception.LockBusy, exception.LockTimeout) as exc:

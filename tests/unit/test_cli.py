@@ -178,3 +178,36 @@ def test_unreachable_backend_exits_69(capsys, tmp_path):
 
 def teardown_function():
     coordination.guard.set_provider(None)
+
+
+def test_misspelled_option_and_section_are_named_at_start(capsys, caplog, monkeypatch, tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text(
+        f"[DEFAULT]\nstate_path = {tmp_path}/state\nvolume_drvier = nfs\n"
+        # registered, deprecated-alias and oslo.log options are not reported
+        "use_rootwrap_daemon = false\ndebug = false\nlogfile = \n"
+        "[coordinaton]\nbackend_url = zookeeper://h:2181\n"
+        "[coordination]\nheartbeat = 2\nheartbaet = 3\n"
+    )
+    # oslo.log's set-up would replace pytest's log capture with its own handler.
+    monkeypatch.setattr(cli, "_setup_logging", lambda conf, args: None)
+    code, _out, _err = run(capsys, "--config-file", str(path), "lock", "check", "--rounds", "1")
+    assert code == 0  # warned, not refused: other projects' sections may share the file
+    lines = [r.getMessage() for r in caplog.records if "configuration:" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert "unknown option [DEFAULT] volume_drvier" in lines[0]
+    assert "did you mean volume_driver?" in lines[0]
+    assert "unknown section [coordinaton]" in lines[1] and "backend_url" in lines[1]
+    assert "did you mean [coordination]?" in lines[1]
+    assert "unknown option [coordination] heartbaet" in lines[2]
+
+
+def test_config_dir_files_are_checked_too(tmp_path):
+    from remotefs_aa import service
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "extra.conf").write_text("[DEFAULT]\nlocal_sharse = /x\n")
+    conf = service.make_config(["--config-dir", str(tmp_path / "d")])
+    (warning,) = service.unknown_options(conf)
+    assert "local_sharse" in warning and "extra.conf" in warning
+    assert "did you mean local_shares?" in warning
