@@ -273,12 +273,26 @@ def cmd_volume_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
 def cmd_volume_list(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         vols = driver.list_volumes()
-    result = [{"id": v.id, "size_gib": v.size, "share": v.provider_location} for v in vols]
+    result = [
+        {
+            "id": v.id,
+            "size_gib": v.size,
+            "share": v.provider_location,
+            "status": "error" if v.error else "available",
+            "error": v.error,
+        }
+        for v in vols
+    ]
     if args.format == "json":
         print(json.dumps(result, indent=2))
     else:
-        print(table([[v["id"], v["size_gib"], v["share"]] for v in result], ["id", "GiB", "share"]))
-    return 0
+        rows = [[v["id"], v["size_gib"], v["share"], v["status"]] for v in result]
+        print(table(rows, ["id", "GiB", "share", "status"]))
+        for v in result:
+            if v["error"]:
+                print(f"volume {v['id']}: {v['error']}")
+    # Every volume is listed; exit 1 still tells a script that one needs repair.
+    return 1 if any(v["error"] for v in result) else 0
 
 
 def cmd_snapshot_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:

@@ -571,13 +571,28 @@ class RemoteFSDriver(VolumeDriver):
         }
 
     def list_volumes(self) -> list[Volume]:
-        """Volumes found on the shares (base files), sized from their active images."""
+        """Volumes found on the shares (base files), sized from their active images.
+
+        A volume whose chain cannot be read (a truncated .info file, a bad
+        header) is listed with status ``error`` and the reason, sized from
+        its base file, so one broken volume does not hide the others.
+        """
         found = []
         for share in self._shares:
-            for name in sorted(self.io.list_directory(self.share_path(share))):
+            files = self.io.list_directory(self.share_path(share))
+            for name in sorted(files):
                 match = _BASE_RE.match(name)
-                if match:
+                if not match:
+                    continue
+                try:
                     found.append(self._volume_on(share, match.group(1)))
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                except (exception.RemoteFSAAError, OSError) as exc:
+                    size = max(1, math.ceil(files[name] / GiB))
+                    found.append(
+                        Volume(match.group(1), size, share, status="error", error=str(exc))
+                    )
         return found
 
     def find_volume(self, volume_id: str) -> Volume | None:

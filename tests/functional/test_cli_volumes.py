@@ -120,3 +120,21 @@ def test_demo_runs_and_verifies(tmp_path):
     assert out["operations_total"] == 12
     assert out["errors"] == [] and out["problems"] == []
     assert out["verified"]["volumes"] == 2
+
+
+def test_one_truncated_info_file_does_not_hide_the_share(tmp_path):
+    config = v.write_config(str(tmp_path))
+    good = _json(config, "volume", "create", "--size", "1")
+    bad = _json(config, "volume", "create", "--size", "2")
+    _json(config, "snapshot", "create", bad["id"])
+    info = f"{bad['share']}/volume-{bad['id']}.info"
+    with open(info, "r+") as f:
+        f.truncate(12)
+    proc = run_cli("--config-file", config, "volume", "list", "--format", "json")
+    assert proc.returncode == 1  # every volume listed, but one needs repair
+    listed = {item["id"]: item for item in json.loads(proc.stdout)}
+    assert listed[good["id"]]["status"] == "available" and listed[good["id"]]["error"] is None
+    assert listed[bad["id"]]["status"] == "error" and listed[bad["id"]]["size_gib"] == 2
+    assert "is unusable: not JSON" in listed[bad["id"]]["error"]
+    proc = run_cli("--config-file", config, "volume", "list")
+    assert good["id"] in proc.stdout and f"volume {bad['id']}: snapshot info file" in proc.stdout
