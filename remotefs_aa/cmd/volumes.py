@@ -242,6 +242,7 @@ def cmd_volume_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         vol = _find(driver, args.volume)
         report = driver.verify_volume(vol, deep=args.deep)
+    order, latest = snapshot_order(report.get("chain", []), report.get("snapshots", {}))
     result = {
         "id": vol.id,
         "size_gib": vol.size,
@@ -249,6 +250,8 @@ def cmd_volume_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         "generation": report.get("generation"),
         "chain": report.get("chain", []),
         "snapshots": report.get("snapshots", {}),
+        "snapshot_order": order,
+        "latest_snapshot": latest,
         "problems": report["problems"],
     }
     if args.format == "json":
@@ -263,11 +266,30 @@ def cmd_volume_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                 ("share", vol.provider_location),
                 ("generation", result["generation"]),
                 ("chain (top first)", " -> ".join(result["chain"]) or "-"),
-                ("snapshots", ", ".join(result["snapshots"]) or "none"),
+                (
+                    "snapshots (oldest first)",
+                    ", ".join(f"{s} (latest)" if s == latest else s for s in order) or "none",
+                ),
                 ("verdict", "intact" if not result["problems"] else "; ".join(result["problems"])),
             ],
         )
     return 0 if not result["problems"] else 1
+
+
+def snapshot_order(chain: list[str], snapshots: dict[str, str]) -> tuple[list[str], str | None]:
+    """Snapshot ids oldest to newest, and the latest (the only one revert accepts).
+
+    ``snapshots[S]`` is the overlay made when S was taken, and overlays stack
+    in the order they were made, so walking the chain from the base up gives
+    the snapshots in the order they were taken; the latest is the one whose
+    overlay is the active image. Ids the .info file names outside the chain
+    (``volume show`` reports those as problems) come last.
+    """
+    by_file = {f: s for s, f in snapshots.items()}
+    order = [by_file[name] for name in reversed(chain) if name in by_file]
+    order += sorted(s for s in snapshots if s not in order)
+    latest = by_file.get(chain[0]) if chain else None
+    return order, latest
 
 
 def cmd_volume_list(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:

@@ -745,9 +745,10 @@ class Chain:
         state = self.load_recovered()
         overlay = self._snapshot_file(state, snapshot_id)
         if overlay != state.active:
+            latest = next((s for s, f in state.snapshots.items() if f == state.active), None)
             raise exception.InvalidSnapshot(
                 f"volume {self.volume_id} can only be reverted to its latest snapshot "
-                f"(as in Cinder); {snapshot_id} is older. Delete the newer snapshots first."
+                f"(as in Cinder), {latest}; {snapshot_id} is older. Delete newer snapshots first."
             )
         self._sweep_orphans(state)
         links = self.trusted_chain(state)

@@ -29,6 +29,7 @@ def test_volume_and_snapshot_commands(tmp_path):
     assert shown["snapshots"] and snap["id"] in shown["snapshots"]
     assert shown["chain"] == [f"volume-{vol['id']}.{snap['id']}", f"volume-{vol['id']}"]
     assert shown["problems"] == []
+    assert shown["snapshot_order"] == [snap["id"]] and shown["latest_snapshot"] == snap["id"]
     clone = _json(config, "volume", "create", "--size", "2", "--clone", vol["id"])
     copy = _json(
         config, "volume", "create", "--size", "1", "--from-snapshot", f"{vol['id']}:{snap['id']}"
@@ -138,3 +139,17 @@ def test_one_truncated_info_file_does_not_hide_the_share(tmp_path):
     assert "is unusable: not JSON" in listed[bad["id"]]["error"]
     proc = run_cli("--config-file", config, "volume", "list")
     assert good["id"] in proc.stdout and f"volume {bad['id']}: snapshot info file" in proc.stdout
+
+
+def test_show_lists_snapshots_as_taken_and_revert_names_the_latest(tmp_path):
+    config = v.write_config(str(tmp_path))
+    vol = _json(config, "volume", "create", "--size", "1")
+    for sid in ("s-b", "s-a"):  # taken in this order, not alphabetical
+        _json(config, "snapshot", "create", vol["id"], "--id", sid)
+    shown = _json(config, "volume", "show", vol["id"])
+    assert shown["snapshot_order"] == ["s-b", "s-a"] and shown["latest_snapshot"] == "s-a"
+    proc = run_cli("--config-file", config, "volume", "show", vol["id"])
+    assert "snapshots (oldest first)  s-b, s-a (latest)" in proc.stdout
+    proc = run_cli("--config-file", config, "snapshot", "revert", vol["id"], "s-b")
+    assert proc.returncode == 1
+    assert "latest snapshot (as in Cinder), s-a; s-b is older" in proc.stderr

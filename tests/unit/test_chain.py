@@ -297,7 +297,7 @@ def test_interrupted_revert_is_redone(io):
 
 def test_revert_only_to_latest(io):
     c = _with_snaps(io, 2)
-    with pytest.raises(exception.InvalidSnapshot, match="latest"):
+    with pytest.raises(exception.InvalidSnapshot, match="latest snapshot .*, s2; s1 is older"):
         c.revert("s1")
 
 

@@ -29,3 +29,20 @@ def test_a_truncated_info_file_does_not_hide_the_other_volumes():
     assert listed["b"].status == "error"
     assert "volume-b.info is unusable: not JSON" in listed["b"].error
     assert listed["b"].size == 1 and listed["b"].provider_location == D
+
+
+def test_volume_show_orders_snapshots_as_taken_and_marks_the_latest():
+    from remotefs_aa.cmd.volumes import snapshot_order
+
+    io = FakeIO()
+    c = ch.Chain(io, D, "v", 1, "raw")
+    c.create_base("raw", "thin")
+    for sid in ("zz", "aa", "mm", "bb"):  # alphabetical order is not the order taken
+        c.create_snapshot(sid)
+    c.delete_snapshot("mm")  # a middle one: the others keep their order
+    report = c.verify(deep=False)
+    assert snapshot_order(report["chain"], report["snapshots"]) == (["zz", "aa", "bb"], "bb")
+    c.delete_snapshot("bb")  # the latest: the one below becomes the latest
+    report = c.verify(deep=False)
+    assert snapshot_order(report["chain"], report["snapshots"]) == (["zz", "aa"], "aa")
+    assert snapshot_order(["volume-v"], {}) == ([], None)
