@@ -36,6 +36,10 @@ class InvalidConfig(RemoteFSAAError):
         return f"invalid value {self.value!r} for option {self.option}: {self.reason}"
 
 
+class UsageError(RemoteFSAAError):
+    """The command line asks for something that cannot be done; nothing was started (exit 2)."""
+
+
 class PluginNotFound(RemoteFSAAError):
     """A configured driver or lock provider name matches no installed plugin."""
 

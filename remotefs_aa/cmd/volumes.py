@@ -144,7 +144,7 @@ def _timed(call: Any) -> tuple[Any, float]:
 
 def cmd_volume_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     if args.image_format and not args.image:
-        raise exception.VolumeError("--image-format applies only with --image FILE")
+        raise exception.UsageError("volume create: --image-format applies only with --image FILE")
     with service.running(conf) as driver:
         vol = Volume(size=args.size) if not args.id else Volume(id=args.id, size=args.size)
         if args.clone:
@@ -154,7 +154,7 @@ def cmd_volume_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         elif args.from_snapshot:
             src_id, _, snap_id = args.from_snapshot.partition(":")
             if not snap_id:
-                raise exception.InvalidSnapshot("--from-snapshot wants VOLUME:SNAPSHOT")
+                raise exception.UsageError("volume create: --from-snapshot wants VOLUME:SNAPSHOT")
             snap = Snapshot(_find(driver, src_id), id=snap_id)
             update, ms = _timed(lambda: driver.create_volume_from_snapshot(vol, snap))
             how = f"from snapshot {snap_id} of {src_id}"
@@ -435,10 +435,7 @@ class _Progress:
 def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     """Prepare volumes, run the workers with a progress bar, verify, report, clean up."""
     if args.workers < 1 or args.volumes < 1 or args.operations < 1:
-        print(
-            "remotefs-aa demo: --workers, --volumes and --operations must be >= 1", file=sys.stderr
-        )
-        return 2
+        raise exception.UsageError("demo: --workers, --volumes and --operations must be >= 1")
     seed = args.seed if args.seed is not None else int(time.time())
     started = time.monotonic()
     with service.running(conf) as driver:

@@ -113,6 +113,12 @@ def test_unknown_volume_is_a_clear_error(tmp_path):
     proc = run_cli("--config-file", config, "snapshot", "create", "no-such-volume")
     assert proc.returncode == 1
     assert "volume no-such-volume is on none of the shares" in proc.stderr
+    proc = run_cli(
+        "--config-file", config, "snapshot", "create", "no-such-volume", "--format", "json"
+    )
+    error = json.loads(proc.stderr)  # the whole of stderr: one JSON object
+    assert proc.returncode == error["exit_code"] == 1 and proc.stdout == ""
+    assert "volume no-such-volume is on none of the shares" in error["error"]
 
 
 def test_demo_runs_and_verifies(tmp_path):

@@ -211,3 +211,37 @@ def test_config_dir_files_are_checked_too(tmp_path):
     (warning,) = service.unknown_options(conf)
     assert "local_sharse" in warning and "extra.conf" in warning
     assert "did you mean local_shares?" in warning
+
+
+def _json_error(err):
+    (line,) = err.strip().splitlines()  # one line, nothing else on stderr
+    return json.loads(line)
+
+
+def test_json_format_errors_are_one_json_line_on_stderr(capsys, conf_file, tmp_path):
+    # configuration error (78)
+    code, out, err = run(
+        capsys, "--config-file", str(tmp_path / "nope.conf"), "lock", "check", "--format", "json"
+    )
+    assert (code, out) == (cli.EX_CONFIG, "")
+    assert _json_error(err) == {
+        "error": f"configuration error: invalid value '{tmp_path}/nope.conf' for option "
+        "--config-file: no such file",
+        "exit_code": 78,
+    }
+    # argparse's usage error (2)
+    code, _out, err = run(capsys, "volume", "show", "--format", "json")
+    assert code == cli.EX_USAGE
+    assert _json_error(err) == {
+        "error": "volume show: error: the following arguments are required: volume",
+        "exit_code": 2,
+    }
+    # our own usage check (2)
+    code, _out, err = run(
+        capsys, "--config-file", conf_file, "lock", "check", "--rounds", "0", "--format=json"
+    )
+    assert code == cli.EX_USAGE
+    assert _json_error(err)["error"] == "lock check: --rounds must be at least 1"
+    # without --format json: the plain line, as before
+    code, _out, err = run(capsys, "--config-file", conf_file, "lock", "check", "--rounds", "0")
+    assert err == "remotefs-aa: lock check: --rounds must be at least 1\n"
