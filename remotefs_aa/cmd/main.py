@@ -72,14 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
     lock = commands.add_parser("lock", help="use the configured lock provider")
     lock_cmds = lock.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
 
-    run = lock_cmds.add_parser(
-        "run",
-        help="run a command while holding a named lock (flock(1) across hosts)",
-        description="Take lock NAME from the configured provider, run COMMAND, "
-        "release the lock, and exit with COMMAND's status.",
-    )
-    run.add_argument("name", metavar="NAME", help="lock name (prefixed with remotefs_aa-)")
-    run.add_argument(
+    # lock run's options also parse when given after NAME (see _lock_run_options).
+    run_opts = argparse.ArgumentParser(prog="remotefs-aa lock run", add_help=False)
+    run_opts.add_argument(
         "-w",
         "--timeout",
         type=float,
@@ -87,13 +82,28 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up after this long (exit 75); default: [coordination] lock_acquire_timeout",
     )
-    run.add_argument(
+    run_opts.add_argument(
         "-n", "--nonblock", action="store_true", help="fail at once (exit 75) if the lock is held"
     )
+    run_opts.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="json: errors as one JSON line on stderr (COMMAND's output is its own)",
+    )
+    run = lock_cmds.add_parser(
+        "run",
+        parents=[run_opts],
+        help="run a command while holding a named lock (flock(1) across hosts)",
+        description="Take lock NAME from the configured provider, run COMMAND, "
+        "release the lock, and exit with COMMAND's status. Options may come "
+        "before or after NAME; COMMAND comes after --.",
+    )
+    run.add_argument("name", metavar="NAME", help="lock name (prefixed with remotefs_aa-)")
     run.add_argument(
         "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...", help="the command to run"
     )
-    run.set_defaults(func=cmd_lock_run)
+    run.set_defaults(func=cmd_lock_run, own_options=run_opts)
 
     check = lock_cmds.add_parser(
         "check",
@@ -165,8 +175,36 @@ def cmd_lock_run(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             purpose=f"lock run {argv[0]}",
         ):
             return _run_forwarding_signals(args, argv)
+    except exception.LockTimeout as exc:
+        if args.timeout is None:
+            raise  # the wait came from [coordination] lock_acquire_timeout, as the error says
+        raise exception.LockTimeout(
+            exc.name,
+            f"timed out after -w {args.timeout:g} s; another operation still holds it. "
+            f"Retry later or give -w a longer wait",
+        ) from None
     finally:
         coordination.stop()
+
+
+def _lock_run_options(args: argparse.Namespace) -> None:
+    """Parse ``lock run NAME [OPTIONS] -- COMMAND``'s OPTIONS as ours, not as COMMAND.
+
+    argparse hands everything after NAME to the REMAINDER argument, so
+    ``lock run job --format json -- true`` would run ``--format``. What comes
+    before the ``--`` is parsed with lock run's own options; without a ``--``
+    a leading option is an error, since COMMAND could not be told apart.
+    """
+    own_options = getattr(args, "own_options", None)
+    argv = list(getattr(args, "argv", []))
+    if own_options is None or not argv or argv[0] == "--" or not argv[0].startswith("-"):
+        return
+    if "--" not in argv:
+        _, rest = own_options.parse_known_args(argv, namespace=args)
+        own_options.error(f"give COMMAND after --: lock run NAME [OPTIONS] -- {' '.join(rest)}")
+    end = argv.index("--")
+    own_options.parse_args(argv[:end], namespace=args)
+    args.argv = argv[end:]
 
 
 def _run_forwarding_signals(args: argparse.Namespace, argv: list[str]) -> int:
@@ -272,11 +310,15 @@ def _wants_json(argv: Sequence[str]) -> bool:
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """``parse_args``, with argparse's usage error as one JSON line when JSON was asked for."""
     if not _wants_json(argv):
-        return parser.parse_args(argv)
+        args = parser.parse_args(argv)
+        _lock_run_options(args)
+        return args
     text = io.StringIO()
     try:
         with contextlib.redirect_stderr(text):
-            return parser.parse_args(argv)
+            args = parser.parse_args(argv)
+            _lock_run_options(args)
+            return args
     except SystemExit as exc:
         if not exc.code:
             raise

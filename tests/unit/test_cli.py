@@ -94,7 +94,26 @@ def test_lock_run_nonblocking_on_held_lock_exits_75_and_runs_nothing(capsys, con
             str(marker),
         )
         assert code == cli.EX_TEMPFAIL
-        assert "timed out" in err
+        assert "timed out after -w 0.2 s" in err and "give -w a longer wait" in err
+        assert "lock_acquire_timeout" not in err  # the wait came from -w, not the option
+        # Options after NAME are ours (before --), also --format json.
+        code, _out, err = run(
+            capsys,
+            "--config-file",
+            conf_file,
+            "lock",
+            "run",
+            "busy",
+            "-w",
+            "0.1",
+            "--format",
+            "json",
+            "--",
+            "touch",
+            str(marker),
+        )
+        assert code == cli.EX_TEMPFAIL
+        assert _json_error(err)["error"].endswith("give -w a longer wait")
         assert not marker.exists()
         # Freed while a blocking run waits: it runs.
         threading.Timer(0.3, lock.release).start()
@@ -245,3 +264,19 @@ def test_json_format_errors_are_one_json_line_on_stderr(capsys, conf_file, tmp_p
     # without --format json: the plain line, as before
     code, _out, err = run(capsys, "--config-file", conf_file, "lock", "check", "--rounds", "0")
     assert err == "remotefs-aa: lock check: --rounds must be at least 1\n"
+
+
+def test_lock_run_options_after_name_are_parsed_as_ours(capfd, conf_file, tmp_path):
+    marker = tmp_path / "ran"
+    code, out, err = run(
+        capfd, "--config-file", conf_file, "lock", "run", "job", "--format", "json", "--",
+        "sh", "-c", f"touch {marker}; echo --format json",
+    )  # fmt: skip
+    assert code == 0 and marker.exists(), err
+    assert out == "--format json\n"  # COMMAND's own arguments stay COMMAND's
+    # Without --, COMMAND cannot be told from our options: a usage error that says so.
+    code, _out, err = run(
+        capfd, "--config-file", conf_file, "lock", "run", "job", "-w", "1", "touch", str(marker)
+    )
+    assert code == cli.EX_USAGE
+    assert "give COMMAND after --" in err
