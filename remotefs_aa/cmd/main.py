@@ -6,10 +6,11 @@ Global options (``--config-file``, ``--config-dir``, ``--debug``,
     remotefs-aa --config-file /etc/remotefs_aa/remotefs_aa.conf lock check
     remotefs-aa lock run volume-42 -- qemu-img info /srv/share/volume-42
 
-Exit codes: the wrapped command's own status for ``lock run``; otherwise 0 on
-success, 1 on an operational failure, 2 on bad usage, 69 when the lock
-backend is unreachable, 75 when a lock is busy or timed out, 78 on a bad
-configuration (the sysexits.h meanings). Errors go to stderr, one line; with
+Exit codes say what to fix (README, "Exit codes"): the wrapped command's own
+status for ``lock run``; otherwise 0 on success, 1 when the operation failed on
+the object it names, 2 on bad usage, 69 when the lock backend is unreachable,
+75 when a lock is busy or timed out, 78 on a configuration the service refuses
+wherever it is found (the sysexits.h meanings). Errors go to stderr, one line; with
 ``--format json`` that line is ``{"error": ..., "exit_code": ...}``.
 """
 

@@ -106,19 +106,27 @@ class RemoteFSDriver(VolumeDriver):
         if not self._shares:
             raise exception.InvalidConfig(self.driver_name + " shares", [], "no share configured")
         for share in self._shares:
+            # Checked before the share is created or mounted, so the refusal is
+            # this configuration error, not the daemon refusing a directory (the
+            # same mistake gives the same exit code whether the directory exists).
+            self._check_share_allowed(share)
             self.ensure_share_ready(share)
 
     def check_for_setup_error(self) -> None:
         for share in self._shares:
-            path = os.path.realpath(self.share_path(share))
-            if not self.daemon_may_act_in(path):
-                raise exception.InvalidConfig(
-                    "[privileged] allowed_paths",
-                    self.conf.privileged.allowed_paths,
-                    f"share {share} ({path}) lies outside it; the privileged daemon "
-                    f"would refuse every file operation there. Add its directory",
-                )
-            self.io.list_directory(path)
+            self.io.list_directory(self._check_share_allowed(share))
+
+    def _check_share_allowed(self, share: str) -> str:
+        """The share's real path; InvalidConfig if it lies outside ``allowed_paths``."""
+        path = os.path.realpath(self.share_path(share))
+        if not self.daemon_may_act_in(path):
+            raise exception.InvalidConfig(
+                "[privileged] allowed_paths",
+                self.conf.privileged.allowed_paths,
+                f"share {share} ({path}) lies outside it; the privileged daemon "
+                f"would refuse every file operation there. Add its directory",
+            )
+        return path
 
     # -- helpers -------------------------------------------------------------
 

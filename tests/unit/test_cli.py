@@ -280,3 +280,18 @@ def test_lock_run_options_after_name_are_parsed_as_ours(capfd, conf_file, tmp_pa
     )
     assert code == cli.EX_USAGE
     assert "give COMMAND after --" in err
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_share_outside_allowed_paths_exits_78_whether_or_not_it_exists(capsys, tmp_path, exists):
+    """One rule: a configuration refusal is 78, however far the start got."""
+    outside = tmp_path / "outside"
+    if exists:
+        outside.mkdir()
+    path = tmp_path / "c.conf"
+    path.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\nlocal_shares = {outside}\n")
+    code, _out, err = run(capsys, "--config-file", str(path), "volume", "list")
+    assert code == cli.EX_CONFIG, err
+    assert "configuration error" in err and f"share {outside}" in err
+    assert "allowed_paths" in err
+    assert outside.exists() == exists  # nothing was created to find out
