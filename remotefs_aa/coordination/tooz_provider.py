@@ -15,12 +15,14 @@ Three things tooz leaves to its caller are done here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from urllib import parse
 
 from oslo_config import cfg
@@ -317,9 +319,52 @@ class ToozLockProvider(base.LockProvider):
         )
 
     def _connect(self) -> tooz_coordination.CoordinationDriver:
-        """Start a fresh coordinator and prove the backend answers."""
+        """A fresh coordinator that answered within ``connect_timeout``, or an error.
+
+        Client libraries wait long on an unreachable server (kazoo 10 s, with a
+        warning per retry; redis-py on an unanswering address until TCP gives
+        up), so the attempt runs in a helper thread that is abandoned at the
+        deadline; a coordinator it still starts later is stopped at once.
+        """
+        timeout = self._coord_conf.connect_timeout
+        outcome: dict[str, object] = {}
+        guard = threading.Lock()
+
+        def attempt() -> None:
+            try:
+                with _quiet_client_logs():
+                    result: object = self._connect_now(timeout)
+            except BaseException as exc:  # handed to the caller
+                result = exc
+            with guard:
+                outcome["result"] = result
+                abandoned = outcome.get("abandoned", False)
+            if abandoned and isinstance(result, tooz_coordination.CoordinationDriver):
+                _stop_quietly(result)
+
+        thread = threading.Thread(target=attempt, name="remotefs_aa-tooz-connect", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        with guard:
+            result = outcome.get("result")
+            if result is None:
+                outcome["abandoned"] = True
+        if result is None:
+            raise TimeoutError(f"no answer within [coordination] connect_timeout = {timeout:g} s")
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[return-value]
+
+    def _connect_now(self, timeout: float) -> tooz_coordination.CoordinationDriver:
+        """Start a fresh coordinator and prove the backend answers (take a probe lock)."""
         coordinator = tooz_coordination.get_coordinator(self._url, self._member_id.encode())
         _fail_fast(coordinator)
+        if self.server_side_wait and isinstance(getattr(coordinator, "timeout", None), int | float):
+            # tooz's ZooKeeper driver waits this long in kazoo's start(), 10 s by
+            # default (the URL's timeout, which is also the session timeout, so it
+            # is not ours to change). Past our deadline the attempt is abandoned
+            # anyway; this makes kazoo stop retrying soon after, not 10 s later.
+            coordinator.timeout = timeout + 1.0
         # Our own heartbeat thread replaces tooz's: tooz's retries a failing
         # beat forever, which would hide the outage from acquirers.
         coordinator.start(start_heart=False)
@@ -354,6 +399,11 @@ class ToozLockProvider(base.LockProvider):
             return
 
         def listener(state: str) -> bool:
+            if self._coordinator is not coordinator:
+                # Not (yet, or any more) the provider's: a probe still running,
+                # or an attempt abandoned at connect_timeout and being stopped,
+                # whose LOST must not tear down the coordinator that replaced it.
+                return False
             if state in (KazooState.SUSPENDED, KazooState.LOST):
                 self._connection_lost(
                     "(session)",
@@ -492,6 +542,40 @@ class ToozLockProvider(base.LockProvider):
                 coordinator.heartbeat()
             except Exception as exc:
                 self._connection_lost("(heartbeat)", "heartbeating", exc, generation)
+
+
+#: Client loggers that warn on every failed connection retry (kazoo: about ten
+#: "Connection dropped" lines before it gives up); our one error replaces them.
+_RETRY_LOGGERS = ("kazoo", "kazoo.client", "kazoo.protocol.connection")
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_saved_levels: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def _quiet_client_logs() -> Iterator[None]:
+    """Silence the client libraries' retry warnings while a connection attempt runs.
+
+    Their loggers are global, so nested or concurrent attempts share one
+    silencing: the levels come back when the last attempt ends.
+    """
+    global _quiet_depth
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            for name in _RETRY_LOGGERS:
+                logger = logging.getLogger(name)
+                _saved_levels[name] = logger.level
+                logger.setLevel(logging.ERROR)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for name, level in _saved_levels.items():
+                    logging.getLogger(name).setLevel(level)
+                _saved_levels.clear()
 
 
 def _stop_quietly(coordinator: tooz_coordination.CoordinationDriver) -> None:

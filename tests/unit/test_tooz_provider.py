@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -66,6 +67,52 @@ def test_unreachable_backend_fails_start_fast_and_clearly():
     assert "cannot reach lock backend redis://127.0.0.1:" in str(err.value)
     assert "backend_url" in str(err.value)
     assert not prov.started
+
+
+@pytest.fixture
+def silent_server():
+    """A loopback port that accepts connections and never answers (a hung server)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield server.getsockname()[1]
+    server.close()
+
+
+@pytest.mark.parametrize("scheme", ["zookeeper", "redis", "etcd3+http", "memcached"])
+def test_an_unanswering_backend_fails_start_within_connect_timeout(scheme, silent_server, caplog):
+    prov = ToozLockProvider(
+        make_conf(backend_url=f"{scheme}://127.0.0.1:{silent_server}", connect_timeout=0.5)
+    )
+    started = time.monotonic()
+    with pytest.raises(exception.LockProviderStartFailed, match="connect_timeout = 0.5 s"):
+        prov.start()
+    assert time.monotonic() - started < 1.5
+    assert not prov.started
+
+
+def test_a_refused_zookeeper_port_is_one_error_without_kazoo_retry_warnings(caplog):
+    prov = ToozLockProvider(
+        make_conf(backend_url=f"zookeeper://127.0.0.1:{free_port()}", connect_timeout=1)
+    )
+    _wait_for_abandoned_attempts()  # of earlier tests
+    level = logging.getLogger("kazoo.client").level
+    started = time.monotonic()
+    with pytest.raises(exception.LockProviderStartFailed, match="connect_timeout = 1 s"):
+        prov.start()
+    assert time.monotonic() - started < 2  # kazoo alone: 10 s
+    _wait_for_abandoned_attempts()  # kazoo gives up by itself soon after, still silenced
+    assert [r for r in caplog.records if r.name.startswith("kazoo")] == []
+    assert logging.getLogger("kazoo.client").level == level  # restored
+
+
+def _wait_for_abandoned_attempts(limit=10.0):
+    deadline = time.monotonic() + limit
+    while tooz_provider._quiet_depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tooz_provider._quiet_depth == 0, "a connection attempt never ended"
 
 
 def test_password_is_not_logged(caplog):
