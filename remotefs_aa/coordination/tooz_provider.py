@@ -271,11 +271,7 @@ class ToozLockProvider(base.LockProvider):
                 "tooz.backends", self._scheme, invoke_on_load=False
             ).driver
         except Exception as exc:
-            raise exception.PluginLoadFailed(
-                f"the tooz driver for {self._scheme}:// cannot be loaded "
-                f"({describe_error(exc)}); install its client library, e.g. "
-                f"pip install 'remotefs_aa[backends]'"
-            ) from exc
+            raise exception.PluginLoadFailed(missing_library(self._scheme, exc)) from exc
         traits = getattr(driver_cls, "CHARACTERISTICS", ())
         return tooz_coordination.Characteristics.DISTRIBUTED_ACROSS_HOSTS in traits
 
@@ -300,6 +296,9 @@ class ToozLockProvider(base.LockProvider):
                 os.makedirs(parse.urlparse(self._url).path, exist_ok=True)
             self._coordinator = self._connect()
         except Exception as exc:
+            if _import_error(exc) is not None:
+                # Not the server: this host lacks the client library.
+                raise exception.PluginLoadFailed(missing_library(self._scheme, exc)) from exc
             raise exception.LockProviderStartFailed(
                 f"cannot reach lock backend {self.describe()}: {describe_error(exc)}. "
                 f"Check that the server runs and [coordination] backend_url is right"
@@ -612,6 +611,47 @@ def _fail_fast(coordinator: tooz_coordination.CoordinationDriver) -> None:
         return client
 
     coordinator._make_client = make_client_without_retries  # type: ignore[attr-defined]
+
+
+#: The client library each tooz backend imports (the pip package to install).
+CLIENT_PACKAGES = {
+    "zookeeper": "kazoo",
+    "kazoo": "kazoo",
+    "redis": "redis",
+    "etcd3+http": "etcd3gw",
+    "etcd3+https": "etcd3gw",
+    "memcached": "pymemcache",
+    "mysql": "PyMySQL",
+    "postgresql": "psycopg2-binary",
+}
+
+
+def _import_error(exc: BaseException | None) -> ImportError | None:
+    """The ImportError behind ``exc`` (tooz and stevedore may wrap it), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ImportError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def missing_library(scheme: str, exc: BaseException) -> str:
+    """What to install when the tooz driver for ``scheme`` cannot be imported.
+
+    A missing client library used to read "cannot reach lock backend ...
+    Check that the server runs", sending the operator to a healthy server.
+    """
+    package = CLIENT_PACKAGES.get(scheme)
+    cause = _import_error(exc) or exc
+    what = f"the {package} package" if package else "its client library"
+    install = f"pip install {package}" if package else "install its client library"
+    return (
+        f"the tooz driver for {scheme}:// needs {what}, which this Python cannot import "
+        f"({describe_error(cause)}); {install} into the service's virtualenv, or every "
+        f"lock client at once: pip install 'remotefs_aa[backends]'"
+    )
 
 
 def describe_error(exc: BaseException) -> str:

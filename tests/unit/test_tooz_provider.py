@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -342,5 +343,36 @@ def test_missing_client_library_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(stevedore_driver, "DriverManager", broken)
     prov = ToozLockProvider(make_conf(backend_url="mysql://root@127.0.0.1/test"))
-    with pytest.raises(exception.PluginLoadFailed, match="pymysql.*install its client library"):
+    with pytest.raises(exception.PluginLoadFailed, match="needs the PyMySQL package.*pymysql"):
         _ = prov.spans_hosts
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "package"),
+    [
+        ("zookeeper://127.0.0.1:1", "kazoo", "kazoo"),
+        ("redis://127.0.0.1:1", "redis", "redis"),
+        ("etcd3+http://127.0.0.1:1", "etcd3gw", "etcd3gw"),
+        ("memcached://127.0.0.1:1", "pymemcache", "pymemcache"),
+        ("mysql://root@127.0.0.1:1/x", "pymysql", "PyMySQL"),
+        ("postgresql://u@127.0.0.1:1/x", "psycopg2", "psycopg2-binary"),
+    ],
+)
+def test_a_missing_client_library_names_the_package_and_the_extra(tmp_path, url, module, package):
+    """A real import failure (a stand-in package that cannot be imported shadows the real one)."""
+    from tests import run_cli
+
+    shim = tmp_path / "shim" / module
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(
+        f"raise ModuleNotFoundError(\"No module named '{module}'\", name='{module}')\n"
+    )
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[DEFAULT]\nstate_path = {tmp_path}\n[coordination]\nbackend_url = {url}\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "shim")}
+    proc = run_cli("--config-file", str(conf), "lock", "check", env=env)
+    assert proc.returncode == 78, proc.stderr  # like an uninstalled plugin, not "unreachable"
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"needs the {package} package" in line and f"pip install {package}" in line
+    assert "remotefs_aa[backends]" in line
+    assert "Check that the server runs" not in line
