@@ -262,6 +262,7 @@ def cmd_lock_check(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             "acquire_release_median_ms": round(statistics.median(samples), 3),
             "acquire_release_max_ms": round(max(samples), 3),
         }
+        coordination.clean(name, provider=provider)  # one name per run: it would pile up
     finally:
         provider.stop()
     if args.format == "json":

@@ -223,6 +223,7 @@ def cmd_volume_delete(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         vol = _find(driver, args.volume)
         _, ms = _timed(lambda: driver.delete_volume(vol))
+        driver.clean_volume_file_locks(vol.id)  # as Cinder's manager does after a delete
     result = {"id": vol.id, "deleted": True, "ms": round(ms, 1)}
     _emit(args, result, list(result.items()))
     return 0

@@ -369,10 +369,17 @@ class ToozLockProvider(base.LockProvider):
         coordinator.start(start_heart=False)
         self._watch_session(coordinator, self._generation + 1)
         try:
-            probe = coordinator.get_lock(f"remotefs_aa-probe-{self._member_id}".encode())
+            name = f"remotefs_aa-probe-{self._member_id}"
+            probe = coordinator.get_lock(name.encode())
             if not probe.acquire(blocking=False):
                 raise exception.LockProviderStartFailed("probe lock is unexpectedly busy")
             probe.release()
+            path = self._lock_file(name)
+            if path is not None:
+                # The name is this process's alone, so nobody else can hold or wait
+                # on the file: without this, every start left one behind.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         except BaseException:
             _stop_quietly(coordinator)
             raise
@@ -431,6 +438,39 @@ class ToozLockProvider(base.LockProvider):
     def get_lock(self, name: str) -> ToozLock:
         """A lock named ``name`` on the current coordinator."""
         return ToozLock(self, name)
+
+    def _lock_file(self, name: str) -> str | None:
+        """The file tooz's file driver keeps for lock ``name`` (None for other backends).
+
+        tooz's file driver makes a lock file of the name inside the URL's
+        directory; the other drivers keep nothing on this host.
+        """
+        if self._scheme != "file":
+            return None
+        directory = os.path.abspath(parse.urlparse(self._url).path)
+        path = os.path.abspath(os.path.join(directory, name))
+        return path if os.path.dirname(path) == directory else None
+
+    def clean(self, name: str) -> None:
+        """file://: unlink ``name``'s lock file, taken without waiting, when nobody holds it.
+
+        Unlinking under the lock keeps a current holder's exclusion; a process
+        that opened the file just before the unlink and takes it just after
+        could still lock the old file while a newcomer locks a new one. That
+        takes operations on the volume that was just deleted, an id reused at
+        once, and this window; Cinder's clean_volume_file_locks leaves the same.
+        """
+        path = self._lock_file(name)
+        if path is None or not os.path.exists(path):
+            return
+        lock = self.get_lock(name)
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            lock.release()
 
     def _coordinator_for_lock(self, name: str) -> tuple[int, tooz_coordination.CoordinationDriver]:
         with self._state_lock:

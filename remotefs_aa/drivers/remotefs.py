@@ -26,7 +26,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from remotefs_aa import exception
+from remotefs_aa import coordination, exception
 from remotefs_aa.coordination import synchronized
 from remotefs_aa.drivers.base import ModelUpdate, VolumeDriver
 from remotefs_aa.image.chain import Chain, GiB, ImageIO, PrivilegedIO
@@ -209,6 +209,14 @@ class RemoteFSDriver(VolumeDriver):
         self.chain(volume, share).delete_volume()
         self._account(share, volume.id, None)
         LOG.info("volume %s: deleted from %s", volume.id, share)
+
+    def clean_volume_file_locks(self, volume_id: str) -> None:
+        """Cinder's hook after a volume is gone: remove its lock files (file-based providers).
+
+        Cinder's manager calls it after delete_volume succeeds, as our CLI does;
+        without it the lock directory keeps a file for every volume id ever used.
+        """
+        coordination.clean(volume_id)
 
     @synchronized("{volume.id}", "{src_vref.id}")
     def create_cloned_volume(self, volume: Any, src_vref: Any) -> ModelUpdate:

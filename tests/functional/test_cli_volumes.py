@@ -50,9 +50,23 @@ def test_volume_and_snapshot_commands(tmp_path):
     assert "deleted    false" in proc.stdout and "reason     not found" in proc.stdout
     stats = _json(config, "stats")
     assert stats["provisioned_capacity_gb"] == pytest.approx(6, abs=0.01)
+    locks = tmp_path / "coordination"  # the tooz file backend's directory
+    assert (locks / f"remotefs_aa-{vol['id']}").exists()
     for volume in (vol, clone, copy):
         _json(config, "volume", "delete", volume["id"])
     assert _json(config, "volume", "list") == []
+    # Deleted volumes leave no lock files, and no start left its probe file.
+    assert sorted(p.name for p in locks.glob("remotefs_aa-*")) == []
+
+
+def test_local_provider_cleans_a_deleted_volumes_lock_file(tmp_path):
+    config = v.write_config(str(tmp_path))
+    with open(config, "a") as f:
+        f.write(f"lock_provider = local\nlock_path = {tmp_path}/locks\n")
+    vol = _json(config, "volume", "create", "--size", "1")
+    assert (tmp_path / "locks" / f"remotefs_aa-{vol['id']}").exists()
+    _json(config, "volume", "delete", vol["id"])
+    assert list((tmp_path / "locks").iterdir()) == []
 
 
 def test_volume_from_an_image_file_and_export(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -133,7 +134,7 @@ def test_lock_run_nonblocking_on_held_lock_exits_75_and_runs_nothing(capsys, con
         holder.stop()
 
 
-def test_lock_check_table_and_json(capsys, conf_file):
+def test_lock_check_table_and_json(capsys, conf_file, tmp_path):
     code, out, _err = run(capsys, "--config-file", conf_file, "lock", "check", "--rounds", "3")
     assert code == 0
     assert "spans hosts" in out and "no (one host only)" in out
@@ -142,6 +143,8 @@ def test_lock_check_table_and_json(capsys, conf_file):
         capsys, "--config-file", conf_file, "lock", "check", "--format", "json", "--rounds", "3"
     )
     report = json.loads(out)
+    # Neither the start probe nor the check's own lock leaves a file behind.
+    assert [p for p in os.listdir(f"{tmp_path}/state/coordination") if "remotefs_aa" in p] == []
     assert report["lock_provider"] == "tooz"
     assert report["backend"].startswith("file://")
     assert report["spans_hosts"] is False

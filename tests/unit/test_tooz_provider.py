@@ -376,3 +376,22 @@ def test_a_missing_client_library_names_the_package_and_the_extra(tmp_path, url,
     assert f"needs the {package} package" in line and f"pip install {package}" in line
     assert "remotefs_aa[backends]" in line
     assert "Check that the server runs" not in line
+
+
+def test_file_backend_start_leaves_no_probe_file_and_clean_removes_lock_files(tmp_path):
+    directory = tmp_path / "coord"
+    prov = ToozLockProvider(make_conf(backend_url=f"file://{directory}"))
+    prov.start()
+    try:
+        assert not list(directory.glob("remotefs_aa-probe-*"))
+        lock = prov.get_lock("remotefs_aa-v1")
+        assert lock.acquire()
+        prov.clean("remotefs_aa-v1")  # held: left alone
+        assert (directory / "remotefs_aa-v1").exists()
+        lock.release()
+        prov.clean("remotefs_aa-v1")
+        prov.clean("remotefs_aa-never-used")
+        assert not list(directory.glob("remotefs_aa-*"))
+        assert prov.get_lock("remotefs_aa-v1").acquire(blocking=False)  # usable again
+    finally:
+        prov.stop()
