@@ -173,3 +173,20 @@ def test_show_lists_snapshots_as_taken_and_revert_names_the_latest(tmp_path):
     proc = run_cli("--config-file", config, "snapshot", "revert", vol["id"], "s-b")
     assert proc.returncode == 1
     assert "latest snapshot (as in Cinder), s-a; s-b is older" in proc.stderr
+
+
+def test_demo_text_output_is_honest(tmp_path):
+    """The bar's rate and the summary's come from one clock; waits keep their decimal."""
+    import re
+
+    config = v.write_config(str(tmp_path))
+    proc = run_cli(
+        "--config-file", config, "demo", "--workers", "2", "--volumes", "1",
+        "--operations", "5", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    bar_rate = re.findall(r"10/10 operations, ([\d.]+)/s", proc.stderr)[-1]
+    summary_rate = re.search(r"in [\d.]+ s \(([\d.]+)/s, as on the bar\)", proc.stdout).group(1)
+    assert bar_rate == summary_rate
+    waits = re.findall(r"^\s*\d+\s+\d+\s+([\d.]+)$", proc.stdout, re.M)
+    assert len(waits) == 2 and all(re.fullmatch(r"\d+\.\d", w) for w in waits)

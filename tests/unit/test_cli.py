@@ -298,3 +298,31 @@ def test_share_outside_allowed_paths_exits_78_whether_or_not_it_exists(capsys, t
     assert "configuration error" in err and f"share {outside}" in err
     assert "allowed_paths" in err
     assert outside.exists() == exists  # nothing was created to find out
+
+
+def test_help_lists_no_internal_command(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "SUPPRESS" not in out and "demo-worker" not in out
+    assert "demo " in out
+
+
+def test_demo_worst_wait_keeps_its_decimal():
+    from remotefs_aa.cmd.volumes import worker_summary
+
+    line = worker_summary({"pid": 7, "operations": 3, "lock_wait_max_s": 0.0123456})
+    assert line["lock_wait_max_ms"] == 12.3  # was 12.0: ms from seconds rounded to the ms
+    assert line["lock_wait_max_s"] == 0.0123
+
+
+def test_progress_rate_and_summary_rate_use_one_clock(capsys, monkeypatch):
+    from remotefs_aa.cmd import volumes
+
+    clock = iter([100.0, 101.0, 102.0, 104.0, 150.0])  # start, 3 ticks, a late call
+    monkeypatch.setattr(volumes.time, "monotonic", lambda: next(clock))
+    bar = volumes._Progress(3)
+    for _ in range(3):
+        bar.tick()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("3/3 operations, 0.8/s")  # 3 operations in 4 s
+    assert f"{3 / bar.elapsed():.1f}" == "0.8"  # the summary's: to the last operation, not later
