@@ -199,7 +199,8 @@ class InvalidInfoFile(_FileRefused):
 
     template = (
         "snapshot info file {path} is unusable: {reason}. No file was changed; "
-        "repair or restore the .info file (see doc/chains.md) and retry."
+        "repair or restore the .info file and retry: 'remotefs-aa volume repair VOLUME' "
+        "rebuilds it from the images, showing the change first (doc/chains.md)."
     )
 
 

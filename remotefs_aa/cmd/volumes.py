@@ -26,7 +26,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from remotefs_aa import exception, opts, service, workload
+from remotefs_aa import coordination, exception, opts, service, workload
 from remotefs_aa.cmd.tables import key_values, table
 from remotefs_aa.image.store import DirectoryImageService
 from remotefs_aa.objects import Snapshot, Volume
@@ -72,6 +72,23 @@ def add_parsers(commands: Any) -> None:
     p.set_defaults(func=cmd_volume_show)
     p = vcmds.add_parser("list", parents=[fmt], help="volumes on the configured shares")
     p.set_defaults(func=cmd_volume_list)
+    p = vcmds.add_parser(
+        "repair",
+        parents=[fmt],
+        help="rebuild a volume's .info file from its images (shows the change; --yes writes)",
+        description="Read the headers of the volume's images under its lock, rebuild "
+        "the .info file they imply and show the change. Nothing is written without "
+        "--yes; a chain the files do not make unambiguous is refused (doc/chains.md).",
+    )
+    p.add_argument("volume")
+    p.add_argument(
+        "--base-format",
+        choices=("raw", "qcow2"),
+        help="the base image's format (default: the current .info file's if it parses, "
+        "else the configured one); never probed",
+    )
+    p.add_argument("--yes", action="store_true", help="write the rebuilt file")
+    p.set_defaults(func=cmd_volume_repair)
 
     snapshot = commands.add_parser("snapshot", help="create, delete, revert to snapshots")
     scmds = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
@@ -317,6 +334,72 @@ def cmd_volume_list(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                 print(f"volume {v['id']}: {v['error']}")
     # Every volume is listed; exit 1 still tells a script that one needs repair.
     return 1 if any(v["error"] for v in result) else 0
+
+
+def cmd_volume_repair(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    """Plan (and with --yes write) a volume's .info file rebuilt from its images."""
+    from remotefs_aa.image import repair
+
+    with service.running(conf) as driver:
+        # Not _find: it reads the .info file, which is what is broken.
+        share = next(
+            (
+                s
+                for s in driver.shares
+                if f"volume-{args.volume}" in driver.io_for(s).list_directory(driver.share_path(s))
+            ),
+            None,
+        )
+        if share is None:
+            raise exception.VolumeNotFound(
+                f"volume {args.volume} is on none of the shares {', '.join(driver.shares)}"
+            )
+        chain = driver.chain(Volume(id=args.volume, size=0), share)
+        with coordination.locked(args.volume, purpose="volume repair"):
+            found = repair.plan(chain, args.base_format)
+            written = bool(args.yes and found.needed)
+            if written:
+                repair.apply(chain, found)
+    snaps = found.state.snapshots if found.state else {}
+    order, latest = snapshot_order(found.chain, snaps)
+    result = {
+        "id": args.volume,
+        "share": share,
+        "info_file": found.info_path,
+        "chain": found.chain,
+        "snapshot_order": order,
+        "latest_snapshot": latest,
+        "current": found.current,
+        "proposed": found.proposed,
+        "diff": found.diff() if found.needed else "",
+        "needed": found.needed,
+        "written": written,
+        "notes": found.notes,
+        "problems": found.problems,
+    }
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            key_values(
+                [
+                    ("volume", args.volume),
+                    ("info file", found.info_path),
+                    ("chain (top first)", " -> ".join(found.chain) or "-"),
+                    ("snapshots (oldest first)", ", ".join(order) or "none"),
+                ]
+            )
+        )
+        for line in found.notes:
+            print(f"note: {line}")
+        for line in found.problems:
+            print(f"REFUSED: {line}")
+        if found.needed:
+            print(found.diff(), end="")
+            print("written" if written else "not written: run again with --yes to write it")
+        elif not found.problems:
+            print("nothing to repair")
+    return 1 if found.problems else 0
 
 
 def cmd_snapshot_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:

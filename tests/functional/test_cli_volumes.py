@@ -190,3 +190,29 @@ def test_demo_text_output_is_honest(tmp_path):
     assert bar_rate == summary_rate
     waits = re.findall(r"^\s*\d+\s+\d+\s+([\d.]+)$", proc.stdout, re.M)
     assert len(waits) == 2 and all(re.fullmatch(r"\d+\.\d", w) for w in waits)
+
+
+def test_volume_repair_rebuilds_a_truncated_info_file_after_showing_it(tmp_path):
+    config = v.write_config(str(tmp_path))
+    vol = _json(config, "volume", "create", "--size", "1")
+    for sid in ("s-2", "s-1"):
+        _json(config, "snapshot", "create", vol["id"], "--id", sid)
+    info = f"{vol['share']}/volume-{vol['id']}.info"
+    with open(info) as f:
+        good = json.load(f)
+    with open(info, "r+") as f:
+        f.truncate(12)
+    shown = run_cli("--config-file", config, "volume", "repair", vol["id"])
+    assert shown.returncode == 0, shown.stderr
+    assert f'+ "active": "volume-{vol["id"]}.s-1",' in shown.stdout
+    assert "not written: run again with --yes" in shown.stdout
+    with open(info) as f:
+        assert len(f.read()) == 12  # showing wrote nothing
+    done = _json(config, "volume", "repair", vol["id"], "--yes")
+    assert done["written"] and done["snapshot_order"] == ["s-2", "s-1"]
+    shown = _json(config, "volume", "show", vol["id"], "--deep")
+    assert shown["problems"] == [] and shown["snapshots"] == {
+        k: val for k, val in good.items() if k.startswith("s-")
+    }
+    assert _json(config, "volume", "repair", vol["id"])["needed"] is False
+    _json(config, "snapshot", "revert", vol["id"], "s-1")  # the chain works again
