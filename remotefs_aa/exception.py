@@ -36,6 +36,10 @@ class InvalidConfig(RemoteFSAAError):
         return f"invalid value {self.value!r} for option {self.option}: {self.reason}"
 
 
+class UsageError(RemoteFSAAError):
+    """The command line asks for something that cannot be done; nothing was started (exit 2)."""
+
+
 class PluginNotFound(RemoteFSAAError):
     """A configured driver or lock provider name matches no installed plugin."""
 
@@ -218,7 +222,8 @@ class InvalidInfoFile(_FileRefused):
 
     template = (
         "snapshot info file {path} is unusable: {reason}. No file was changed; "
-        "repair or restore the .info file (see doc/chains.md) and retry."
+        "repair or restore the .info file and retry: 'remotefs-aa volume repair VOLUME' "
+        "rebuilds it from the images, showing the change first (doc/chains.md)."
     )
 
 

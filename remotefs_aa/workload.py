@@ -352,3 +352,4 @@ def cleanup(driver: Any, registries: list[str], derived_dir: str) -> None:
             vols.append(Volume(id=volume_id, provider_location=share))
     for vol in vols:
         driver.delete_volume(vol)
+        driver.clean_volume_file_locks(vol.id)

@@ -165,6 +165,15 @@ class LockProvider(abc.ABC):
     def get_lock(self, name: str) -> Lock:
         """A lock object for ``name`` (cheap; nothing is taken yet)."""
 
+    def clean(self, name: str) -> None:  # noqa: B027 - a no-op by design
+        """Remove what lock ``name`` leaves behind once its resource is gone.
+
+        Called after a volume is deleted (Cinder's ``clean_volume_file_locks``),
+        never while the caller holds ``name``. Only file-based providers keep
+        something per name (a lock file that would otherwise pile up); server
+        backends free or expire their keys by themselves, hence the no-op.
+        """
+
     @property
     def started(self) -> bool:
         """Whether :meth:`start` succeeded and :meth:`stop` was not called."""

@@ -21,6 +21,7 @@ Three things tooz leaves to its caller are done here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -29,6 +30,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from urllib import parse
 
 from oslo_config import cfg
@@ -329,11 +331,7 @@ class ToozLockProvider(base.LockProvider):
                 "tooz.backends", self._scheme, invoke_on_load=False
             ).driver
         except Exception as exc:
-            raise exception.PluginLoadFailed(
-                f"the tooz driver for {self._scheme}:// cannot be loaded "
-                f"({describe_error(exc)}); install its client library, e.g. "
-                f"pip install 'remotefs_aa[backends]'"
-            ) from exc
+            raise exception.PluginLoadFailed(missing_library(self._scheme, exc)) from exc
         traits = getattr(driver_cls, "CHARACTERISTICS", ())
         return tooz_coordination.Characteristics.DISTRIBUTED_ACROSS_HOSTS in traits
 
@@ -358,6 +356,9 @@ class ToozLockProvider(base.LockProvider):
                 os.makedirs(parse.urlparse(self._url).path, exist_ok=True)
             self._coordinator = self._connect()
         except Exception as exc:
+            if _import_error(exc) is not None:
+                # Not the server: this host lacks the client library.
+                raise exception.PluginLoadFailed(missing_library(self._scheme, exc)) from exc
             raise exception.LockProviderStartFailed(
                 f"cannot reach lock backend {self.describe()}: {describe_error(exc)}. "
                 f"Check that the server runs and [coordination] backend_url is right"
@@ -417,18 +418,68 @@ class ToozLockProvider(base.LockProvider):
         return client_id[0] if client_id else None
 
     def _connect(self) -> tooz_coordination.CoordinationDriver:
-        """Start a fresh coordinator and prove the backend answers."""
+        """A fresh coordinator that answered within ``connect_timeout``, or an error.
+
+        Client libraries wait long on an unreachable server (kazoo 10 s, with a
+        warning per retry; redis-py on an unanswering address until TCP gives
+        up), so the attempt runs in a helper thread that is abandoned at the
+        deadline; a coordinator it still starts later is stopped at once.
+        """
+        timeout = self._coord_conf.connect_timeout
+        outcome: dict[str, object] = {}
+        guard = threading.Lock()
+
+        def attempt() -> None:
+            try:
+                with _quiet_client_logs():
+                    result: object = self._connect_now(timeout)
+            except BaseException as exc:  # handed to the caller
+                result = exc
+            with guard:
+                outcome["result"] = result
+                abandoned = outcome.get("abandoned", False)
+            if abandoned and isinstance(result, tooz_coordination.CoordinationDriver):
+                _stop_quietly(result)
+
+        thread = threading.Thread(target=attempt, name="remotefs_aa-tooz-connect", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        with guard:
+            result = outcome.get("result")
+            if result is None:
+                outcome["abandoned"] = True
+        if result is None:
+            raise TimeoutError(f"no answer within [coordination] connect_timeout = {timeout:g} s")
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[return-value]
+
+    def _connect_now(self, timeout: float) -> tooz_coordination.CoordinationDriver:
+        """Start a fresh coordinator and prove the backend answers (take a probe lock)."""
         coordinator = tooz_coordination.get_coordinator(self._url, self._member_id.encode())
         _fail_fast(coordinator)
+        if self.server_side_wait and isinstance(getattr(coordinator, "timeout", None), int | float):
+            # tooz's ZooKeeper driver waits this long in kazoo's start(), 10 s by
+            # default (the URL's timeout, which is also the session timeout, so it
+            # is not ours to change). Past our deadline the attempt is abandoned
+            # anyway; this makes kazoo stop retrying soon after, not 10 s later.
+            coordinator.timeout = timeout + 1.0
         # Our own heartbeat thread replaces tooz's: tooz's retries a failing
         # beat forever, which would hide the outage from acquirers.
         coordinator.start(start_heart=False)
         self._watch_session(coordinator, self._generation + 1)
         try:
-            probe = coordinator.get_lock(f"remotefs_aa-probe-{self._member_id}".encode())
+            name = f"remotefs_aa-probe-{self._member_id}"
+            probe = coordinator.get_lock(name.encode())
             if not probe.acquire(blocking=False):
                 raise exception.LockProviderStartFailed("probe lock is unexpectedly busy")
             probe.release()
+            path = self._lock_file(name)
+            if path is not None:
+                # The name is this process's alone, so nobody else can hold or wait
+                # on the file: without this, every start left one behind.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         except BaseException:
             _stop_quietly(coordinator)
             raise
@@ -454,6 +505,11 @@ class ToozLockProvider(base.LockProvider):
             return
 
         def listener(state: str) -> bool:
+            if self._coordinator is not coordinator:
+                # Not (yet, or any more) the provider's: a probe still running,
+                # or an attempt abandoned at connect_timeout and being stopped,
+                # whose LOST must not tear down the coordinator that replaced it.
+                return False
             if state in (KazooState.SUSPENDED, KazooState.LOST):
                 self._connection_lost(
                     "(session)",
@@ -482,6 +538,39 @@ class ToozLockProvider(base.LockProvider):
     def get_lock(self, name: str) -> ToozLock:
         """A lock named ``name`` on the current coordinator."""
         return ToozLock(self, name)
+
+    def _lock_file(self, name: str) -> str | None:
+        """The file tooz's file driver keeps for lock ``name`` (None for other backends).
+
+        tooz's file driver makes a lock file of the name inside the URL's
+        directory; the other drivers keep nothing on this host.
+        """
+        if self._scheme != "file":
+            return None
+        directory = os.path.abspath(parse.urlparse(self._url).path)
+        path = os.path.abspath(os.path.join(directory, name))
+        return path if os.path.dirname(path) == directory else None
+
+    def clean(self, name: str) -> None:
+        """file://: unlink ``name``'s lock file, taken without waiting, when nobody holds it.
+
+        Unlinking under the lock keeps a current holder's exclusion; a process
+        that opened the file just before the unlink and takes it just after
+        could still lock the old file while a newcomer locks a new one. That
+        takes operations on the volume that was just deleted, an id reused at
+        once, and this window; Cinder's clean_volume_file_locks leaves the same.
+        """
+        path = self._lock_file(name)
+        if path is None or not os.path.exists(path):
+            return
+        lock = self.get_lock(name)
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            lock.release()
 
     def _coordinator_for_lock(self, name: str) -> tuple[int, tooz_coordination.CoordinationDriver]:
         with self._state_lock:
@@ -604,6 +693,40 @@ class ToozLockProvider(base.LockProvider):
                 self._connection_lost("(heartbeat)", "heartbeating", exc, generation)
 
 
+#: Client loggers that warn on every failed connection retry (kazoo: about ten
+#: "Connection dropped" lines before it gives up); our one error replaces them.
+_RETRY_LOGGERS = ("kazoo", "kazoo.client", "kazoo.protocol.connection")
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_saved_levels: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def _quiet_client_logs() -> Iterator[None]:
+    """Silence the client libraries' retry warnings while a connection attempt runs.
+
+    Their loggers are global, so nested or concurrent attempts share one
+    silencing: the levels come back when the last attempt ends.
+    """
+    global _quiet_depth
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            for name in _RETRY_LOGGERS:
+                logger = logging.getLogger(name)
+                _saved_levels[name] = logger.level
+                logger.setLevel(logging.ERROR)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for name, level in _saved_levels.items():
+                    logging.getLogger(name).setLevel(level)
+                _saved_levels.clear()
+
+
 def _stop_quietly(coordinator: tooz_coordination.CoordinationDriver) -> None:
     try:
         coordinator.stop()
@@ -638,6 +761,47 @@ def _fail_fast(coordinator: tooz_coordination.CoordinationDriver) -> None:
         return client
 
     coordinator._make_client = make_client_without_retries  # type: ignore[attr-defined]
+
+
+#: The client library each tooz backend imports (the pip package to install).
+CLIENT_PACKAGES = {
+    "zookeeper": "kazoo",
+    "kazoo": "kazoo",
+    "redis": "redis",
+    "etcd3+http": "etcd3gw",
+    "etcd3+https": "etcd3gw",
+    "memcached": "pymemcache",
+    "mysql": "PyMySQL",
+    "postgresql": "psycopg2-binary",
+}
+
+
+def _import_error(exc: BaseException | None) -> ImportError | None:
+    """The ImportError behind ``exc`` (tooz and stevedore may wrap it), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ImportError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def missing_library(scheme: str, exc: BaseException) -> str:
+    """What to install when the tooz driver for ``scheme`` cannot be imported.
+
+    A missing client library used to read "cannot reach lock backend ...
+    Check that the server runs", sending the operator to a healthy server.
+    """
+    package = CLIENT_PACKAGES.get(scheme)
+    cause = _import_error(exc) or exc
+    what = f"the {package} package" if package else "its client library"
+    install = f"pip install {package}" if package else "install its client library"
+    return (
+        f"the tooz driver for {scheme}:// needs {what}, which this Python cannot import "
+        f"({describe_error(cause)}); {install} into the service's virtualenv, or every "
+        f"lock client at once: pip install 'remotefs_aa[backends]'"
+    )
 
 
 def describe_error(exc: BaseException) -> str:

@@ -111,6 +111,10 @@ class RemoteFSDriver(VolumeDriver):
         if not self._shares:
             raise exception.InvalidConfig(self.driver_name + " shares", [], "no share configured")
         for share in self._shares:
+            # Checked before the share is created or mounted, so the refusal is
+            # this configuration error, not the daemon refusing a directory (the
+            # same mistake gives the same exit code whether the directory exists).
+            self._check_share_allowed(share)
             self.ensure_share_ready(share)
         self._presence = presence.Presence(self.host, self.io)
         try:
@@ -161,15 +165,19 @@ class RemoteFSDriver(VolumeDriver):
 
     def check_for_setup_error(self) -> None:
         for share in self._shares:
-            path = os.path.realpath(self.share_path(share))
-            if not self.daemon_may_act_in(path):
-                raise exception.InvalidConfig(
-                    "[privileged] allowed_paths",
-                    self.conf.privileged.allowed_paths,
-                    f"share {share} ({path}) lies outside it; the privileged daemon "
-                    f"would refuse every file operation there. Add its directory",
-                )
-            self.io.list_directory(path)
+            self.io.list_directory(self._check_share_allowed(share))
+
+    def _check_share_allowed(self, share: str) -> str:
+        """The share's real path; InvalidConfig if it lies outside ``allowed_paths``."""
+        path = os.path.realpath(self.share_path(share))
+        if not self.daemon_may_act_in(path):
+            raise exception.InvalidConfig(
+                "[privileged] allowed_paths",
+                self.conf.privileged.allowed_paths,
+                f"share {share} ({path}) lies outside it; the privileged daemon "
+                f"would refuse every file operation there. Add its directory",
+            )
+        return path
 
     # -- helpers -------------------------------------------------------------
 
@@ -253,6 +261,14 @@ class RemoteFSDriver(VolumeDriver):
         self._account(share, volume.id, None)
         LOG.info("volume %s: deleted from %s", volume.id, share)
 
+    def clean_volume_file_locks(self, volume_id: str) -> None:
+        """Cinder's hook after a volume is gone: remove its lock files (file-based providers).
+
+        Cinder's manager calls it after delete_volume succeeds, as our CLI does;
+        without it the lock directory keeps a file for every volume id ever used.
+        """
+        coordination.clean(volume_id)
+
     @synchronized("{volume.id}", "{src_vref.id}")
     def create_cloned_volume(self, volume: Any, src_vref: Any) -> ModelUpdate:
         src = self.chain(src_vref)
@@ -314,8 +330,15 @@ class RemoteFSDriver(VolumeDriver):
         return None
 
     @synchronized("{snapshot.volume_id}")
-    def delete_snapshot(self, snapshot: Any) -> None:
+    def delete_snapshot(self, snapshot: Any) -> bool:
+        """Merge the snapshot away; False when it was not there (still a success, as in Cinder).
+
+        Cinder ignores the return value; the CLI reports it, so an operator who
+        mistyped a snapshot id is told instead of reading "deleted".
+        """
         state = self.chain(snapshot.volume).delete_snapshot(snapshot.id)
+        if state.not_found:
+            return False
         LOG.info(
             "snapshot %s of volume %s: deleted (active %s, generation %d)",
             snapshot.id,
@@ -323,6 +346,7 @@ class RemoteFSDriver(VolumeDriver):
             state.active,
             state.generation,
         )
+        return True
 
     @synchronized("{volume.id}")
     def revert_to_snapshot(self, context: Any, volume: Any, snapshot: Any) -> None:
@@ -614,13 +638,28 @@ class RemoteFSDriver(VolumeDriver):
         }
 
     def list_volumes(self) -> list[Volume]:
-        """Volumes found on the shares (base files), sized from their active images."""
+        """Volumes found on the shares (base files), sized from their active images.
+
+        A volume whose chain cannot be read (a truncated .info file, a bad
+        header) is listed with status ``error`` and the reason, sized from
+        its base file, so one broken volume does not hide the others.
+        """
         found = []
         for share in self._shares:
-            for name in sorted(self.io.list_directory(self.share_path(share))):
+            files = self.io.list_directory(self.share_path(share))
+            for name in sorted(files):
                 match = _BASE_RE.match(name)
-                if match:
+                if not match:
+                    continue
+                try:
                     found.append(self._volume_on(share, match.group(1)))
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                except (exception.RemoteFSAAError, OSError) as exc:
+                    size = max(1, math.ceil(files[name] / GiB))
+                    found.append(
+                        Volume(match.group(1), size, share, status="error", error=str(exc))
+                    )
         return found
 
     def find_volume(self, volume_id: str) -> Volume | None:

@@ -264,6 +264,9 @@ class ChainState:
     intent: dict | None = None
     #: The file's exact text as read; None when the file does not exist.
     raw: str | None = None
+    #: Set by delete_snapshot when the snapshot was not there (nothing changed),
+    #: so callers can say so; never written to the file.
+    not_found: bool = False
 
     def render(self) -> str:
         """The JSON text, Cinder's keys first, with the next generation."""
@@ -718,7 +721,7 @@ class Chain:
         if snapshot_id not in state.snapshots:
             # Deleting what is gone succeeds, as in Cinder.
             LOG.info("snapshot %s of volume %s: already gone", snapshot_id, self.volume_id)
-            return state
+            return dataclasses.replace(state, not_found=True)
         target = state.snapshots[snapshot_id]
         links = self.trusted_chain(state)
         names = [link.name for link in links]
@@ -782,9 +785,10 @@ class Chain:
         state = self.load_recovered()
         overlay = self._snapshot_file(state, snapshot_id)
         if overlay != state.active:
+            latest = next((s for s, f in state.snapshots.items() if f == state.active), None)
             raise exception.InvalidSnapshot(
                 f"volume {self.volume_id} can only be reverted to its latest snapshot "
-                f"(as in Cinder); {snapshot_id} is older. Delete the newer snapshots first."
+                f"(as in Cinder), {latest}; {snapshot_id} is older. Delete newer snapshots first."
             )
         self._sweep_orphans(state)
         links = self.trusted_chain(state)

@@ -261,6 +261,16 @@ def test_delete_middle_snapshot_commits_rebases_and_unlinks(io):
     assert c.verify()["problems"] == []
 
 
+def test_deleting_a_missing_snapshot_changes_nothing_and_says_so(io):
+    c = _with_snaps(io, 1)
+    before = c.load()
+    io.calls.clear()
+    state = c.delete_snapshot("nosuch")
+    assert state.not_found and io.calls == []  # idempotent: no write, no error
+    assert c.load().generation == before.generation
+    assert not c.delete_snapshot("s1").not_found
+
+
 def test_delete_active_snapshot_makes_its_base_active(io):
     c = _with_snaps(io, 2)
     io.calls.clear()
@@ -307,7 +317,7 @@ def test_interrupted_revert_is_redone(io):
 
 def test_revert_only_to_latest(io):
     c = _with_snaps(io, 2)
-    with pytest.raises(exception.InvalidSnapshot, match="latest"):
+    with pytest.raises(exception.InvalidSnapshot, match="latest snapshot .*, s2; s1 is older"):
         c.revert("s1")
 
 

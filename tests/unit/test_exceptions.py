@@ -19,6 +19,7 @@ from remotefs_aa.drivers import mounted
 SAMPLES: dict[type, tuple] = {
     exception.RemoteFSAAError: ("something failed",),
     exception.InvalidConfig: ("[privileged] mode", "fast", "not a mode"),
+    exception.UsageError: ("lock check: --rounds must be at least 1",),
     exception.PluginNotFound: ("volume driver", "nfz", ["local", "nfs"], "typo?"),
     exception.PluginLoadFailed: ("could not import x",),
     exception.LockError: ("lock trouble",),

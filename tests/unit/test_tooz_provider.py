@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 
@@ -66,6 +68,52 @@ def test_unreachable_backend_fails_start_fast_and_clearly():
     assert "cannot reach lock backend redis://127.0.0.1:" in str(err.value)
     assert "backend_url" in str(err.value)
     assert not prov.started
+
+
+@pytest.fixture
+def silent_server():
+    """A loopback port that accepts connections and never answers (a hung server)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield server.getsockname()[1]
+    server.close()
+
+
+@pytest.mark.parametrize("scheme", ["zookeeper", "redis", "etcd3+http", "memcached"])
+def test_an_unanswering_backend_fails_start_within_connect_timeout(scheme, silent_server, caplog):
+    prov = ToozLockProvider(
+        make_conf(backend_url=f"{scheme}://127.0.0.1:{silent_server}", connect_timeout=0.5)
+    )
+    started = time.monotonic()
+    with pytest.raises(exception.LockProviderStartFailed, match="connect_timeout = 0.5 s"):
+        prov.start()
+    assert time.monotonic() - started < 1.5
+    assert not prov.started
+
+
+def test_a_refused_zookeeper_port_is_one_error_without_kazoo_retry_warnings(caplog):
+    prov = ToozLockProvider(
+        make_conf(backend_url=f"zookeeper://127.0.0.1:{free_port()}", connect_timeout=1)
+    )
+    _wait_for_abandoned_attempts()  # of earlier tests
+    level = logging.getLogger("kazoo.client").level
+    started = time.monotonic()
+    with pytest.raises(exception.LockProviderStartFailed, match="connect_timeout = 1 s"):
+        prov.start()
+    assert time.monotonic() - started < 2  # kazoo alone: 10 s
+    _wait_for_abandoned_attempts()  # kazoo gives up by itself soon after, still silenced
+    assert [r for r in caplog.records if r.name.startswith("kazoo")] == []
+    assert logging.getLogger("kazoo.client").level == level  # restored
+
+
+def _wait_for_abandoned_attempts(limit=10.0):
+    deadline = time.monotonic() + limit
+    while tooz_provider._quiet_depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tooz_provider._quiet_depth == 0, "a connection attempt never ended"
 
 
 def test_password_is_not_logged(caplog):
@@ -295,5 +343,55 @@ def test_missing_client_library_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(stevedore_driver, "DriverManager", broken)
     prov = ToozLockProvider(make_conf(backend_url="mysql://root@127.0.0.1/test"))
-    with pytest.raises(exception.PluginLoadFailed, match="pymysql.*install its client library"):
+    with pytest.raises(exception.PluginLoadFailed, match="needs the PyMySQL package.*pymysql"):
         _ = prov.spans_hosts
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "package"),
+    [
+        ("zookeeper://127.0.0.1:1", "kazoo", "kazoo"),
+        ("redis://127.0.0.1:1", "redis", "redis"),
+        ("etcd3+http://127.0.0.1:1", "etcd3gw", "etcd3gw"),
+        ("memcached://127.0.0.1:1", "pymemcache", "pymemcache"),
+        ("mysql://root@127.0.0.1:1/x", "pymysql", "PyMySQL"),
+        ("postgresql://u@127.0.0.1:1/x", "psycopg2", "psycopg2-binary"),
+    ],
+)
+def test_a_missing_client_library_names_the_package_and_the_extra(tmp_path, url, module, package):
+    """A real import failure (a stand-in package that cannot be imported shadows the real one)."""
+    from tests import run_cli
+
+    shim = tmp_path / "shim" / module
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(
+        f"raise ModuleNotFoundError(\"No module named '{module}'\", name='{module}')\n"
+    )
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[DEFAULT]\nstate_path = {tmp_path}\n[coordination]\nbackend_url = {url}\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "shim")}
+    proc = run_cli("--config-file", str(conf), "lock", "check", env=env)
+    assert proc.returncode == 78, proc.stderr  # like an uninstalled plugin, not "unreachable"
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"needs the {package} package" in line and f"pip install {package}" in line
+    assert "remotefs_aa[backends]" in line
+    assert "Check that the server runs" not in line
+
+
+def test_file_backend_start_leaves_no_probe_file_and_clean_removes_lock_files(tmp_path):
+    directory = tmp_path / "coord"
+    prov = ToozLockProvider(make_conf(backend_url=f"file://{directory}"))
+    prov.start()
+    try:
+        assert not list(directory.glob("remotefs_aa-probe-*"))
+        lock = prov.get_lock("remotefs_aa-v1")
+        assert lock.acquire()
+        prov.clean("remotefs_aa-v1")  # held: left alone
+        assert (directory / "remotefs_aa-v1").exists()
+        lock.release()
+        prov.clean("remotefs_aa-v1")
+        prov.clean("remotefs_aa-never-used")
+        assert not list(directory.glob("remotefs_aa-*"))
+        assert prov.get_lock("remotefs_aa-v1").acquire(blocking=False)  # usable again
+    finally:
+        prov.stop()
