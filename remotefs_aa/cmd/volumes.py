@@ -450,6 +450,7 @@ def cmd_stats(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             p["provisioned_capacity_gb"],
             f"{p['reserved_percentage']}%",
             p["max_over_subscription_ratio"],
+            p.get("leftover_files", 0),
         ]
         for p in stats["pools"]
     ]
@@ -457,7 +458,8 @@ def cmd_stats(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         f"backend {stats['volume_backend_name']} ({stats['storage_protocol']}), "
         f"thin provisioning: {'yes' if stats['thin_provisioning_support'] else 'no'}"
     )
-    print(table(rows, ["share", "total GiB", "free GiB", "provisioned GiB", "reserved", "ratio"]))
+    headers = ["share", "total GiB", "free GiB", "provisioned GiB", "reserved", "ratio"]
+    print(table(rows, [*headers, "leftovers"]))
     return 0
 
 

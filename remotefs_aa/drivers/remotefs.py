@@ -73,6 +73,8 @@ class RemoteFSDriver(VolumeDriver):
         self._scanned_at: dict[str, float] = {}
         self._stats_lock = threading.Lock()
         self._presence: presence.Presence | None = None
+        #: Per share, leftovers of interrupted work the last sweep had to keep.
+        self._leftovers: dict[str, list[str]] = {}
 
     # -- what subclasses provide ---------------------------------------------
 
@@ -120,7 +122,7 @@ class RemoteFSDriver(VolumeDriver):
         try:
             for share in self._shares:
                 self._presence.join(share, self.share_path(share))
-                self.sweep_leftovers(share)
+                self._leftovers[share] = self.sweep_leftovers(share)["kept"]
         except BaseException:
             self.close()
             raise
@@ -609,10 +611,15 @@ class RemoteFSDriver(VolumeDriver):
     def get_volume_stats(self, refresh: bool = False) -> dict:
         pools = []
         for share in self._shares:
+            if refresh:
+                # The periodic refresh is where interrupted work is swept; what
+                # another host's lock still covers is counted, not removed.
+                self._leftovers[share] = self.sweep_leftovers(share)["kept"]
             cap = self.share_capacity(share)
             pools.append(
                 {
                     "pool_name": share,
+                    "leftover_files": len(self._leftovers.get(share, [])),
                     "total_capacity_gb": round(cap["total"] / GiB, 2),
                     "free_capacity_gb": round(cap["free"] / GiB, 2),
                     "provisioned_capacity_gb": round(cap["provisioned"] / GiB, 2),

@@ -59,9 +59,10 @@ def test_a_missing_info_file_is_rebuilt_and_the_generation_kept_when_readable(io
     # Above the file's generation and above every claim (the repair's own, 3): the
     # compare-and-swap refuses a generation whose claim exists.
     claims = [n for n in io.list_directory(D) if n.startswith(".volume-v1.gen.")]
-    assert json.loads(found.proposed)["generation"] == max(
-        json.loads(text)["generation"], *(int(n.rsplit(".", 1)[1]) for n in claims)
-    ) + 1
+    assert (
+        json.loads(found.proposed)["generation"]
+        == max(json.loads(text)["generation"], *(int(n.rsplit(".", 1)[1]) for n in claims)) + 1
+    )
     repair.apply(c, found)
 
 
