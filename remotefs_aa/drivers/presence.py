@@ -130,6 +130,7 @@ class Presence:
             return  # busy: the other service's locks are ours too
         with contextlib.suppress(exception.RemoteFSAAError):
             probe.release()
+            coordination.get_provider().clean(name)  # file backends: no file left behind
         provider = coordination.get_provider()
         raise exception.HostLocalLockProvider(
             f"share {share} is in use by the service on host {other.get('host')} "
@@ -167,6 +168,7 @@ class Presence:
         if self._lock is not None:
             with contextlib.suppress(Exception):
                 self._lock.release()
+                coordination.get_provider().clean(self._lock.name)
             self._lock = None
 
 
