@@ -98,6 +98,7 @@ class ImageIO(Protocol):
         generation: int,
         expected: str | None,
         mode: int = 0o640,
+        durable: bool = True,
     ) -> str | None: ...
     def unlink(self, path: str) -> bool: ...
     def unlink_many(self, directory: str, names: list[str]) -> list[str]: ...
@@ -157,8 +158,9 @@ class PrivilegedIO:
         generation: int,
         expected: str | None,
         mode: int = 0o640,
+        durable: bool = True,
     ) -> str | None:
-        return self.files.publish_info(directory, base, data, generation, expected, mode)
+        return self.files.publish_info(directory, base, data, generation, expected, mode, durable)
 
     def unlink(self, path: str) -> bool:
         return self.files.unlink(path)
@@ -498,21 +500,23 @@ class Chain:
 
     # -- writing -------------------------------------------------------------
 
-    def save(self, state: ChainState, **changes: Any) -> ChainState:
+    def save(self, state: ChainState, durable: bool = True, **changes: Any) -> ChainState:
         """Publish ``state`` with ``changes`` as the next generation; the new state.
 
         An atomic compare-and-swap on the share (``files.publish_info``: the
         claim of generation N+1 is created exclusively, so of all writers that
         read N exactly one wins), durable before it returns (a change reported
-        as done survives a power cut). A writer that lost raises
-        StaleInfoGeneration and changes nothing more.
+        as done, or an intent announcing a destructive step, survives a power
+        cut). ``durable=False`` for claims only: one lost in a power cut sends
+        recovery back to an earlier step, which is safe to repeat. A writer
+        that lost raises StaleInfoGeneration and changes nothing more.
         """
         new = dataclasses.replace(state, **changes)
         new.snapshots = dict(new.snapshots)
         new.generation = state.generation + 1
         text = new.render()
         current = self.io.publish_info(
-            self.directory, self.base, text, new.generation, state.raw, self.info_mode
+            self.directory, self.base, text, new.generation, state.raw, self.info_mode, durable
         )
         if current is not None:
             found: int | None = None
@@ -629,7 +633,7 @@ class Chain:
                 self._grow(tmp, state.format, not sparse)
             # Claimed before the base is replaced: a holder whose lock lapsed
             # stops here with the old base intact (and its temp file removed).
-            state = self.save(state)
+            state = self.save(state, durable=False)
             self.io.rename(tmp, self.path(self.base))
         except BaseException:
             self.io.unlink(tmp)
@@ -779,7 +783,7 @@ class Chain:
         the step, so a crash right after the claim is finished by the next
         holder from that step on.
         """
-        return self.save(state, intent={**intent, "step": step})
+        return self.save(state, durable=False, intent={**intent, "step": step})
 
     def revert(self, snapshot_id: str) -> ChainState:
         state = self.load_recovered()
@@ -829,7 +833,7 @@ class Chain:
         skip = len(links) > 1 and links[1].virtual_size <= top.virtual_size
         # The claim (a new generation, nothing else changed) fences a holder
         # whose lock lapsed; a crash after it changes nothing to recover.
-        state = self.save(state)
+        state = self.save(state, durable=False)
         self._grow(self.path(top.name), top.format, thick, skip_backing=skip)
         return state
 
@@ -840,7 +844,9 @@ class Chain:
             # Claimed through the compare-and-swap first (a holder whose lock
             # lapsed stops here); then the marker: once .info is renamed away,
             # every reader sees a volume being deleted.
-            state = self.save(state, intent={"op": "delete_volume"})
+            # Not durable: if a power cut loses it, the deletion either happened
+            # (its marker says so) or not.
+            state = self.save(state, durable=False, intent={"op": "delete_volume"})
         if state.raw is not None:
             self.io.rename(self.info_path, self.deleting_path)
         self._delete_files(state, fresh=True)

@@ -402,6 +402,7 @@ def publish_info(
     generation: int,
     expected: str | None,
     mode: int = 0o640,
+    durable: bool = True,
 ) -> str | None:
     """Compare-and-swap a volume's ``.info``: publish generation ``generation`` exactly once.
 
@@ -411,9 +412,11 @@ def publish_info(
     all writers that read generation N, exactly one creates N+1), then
     renamed over ``<base>.info`` (Cinder's name; the same inode as the
     claim), and the directory is fsync'd: a generation reported as written
-    survives a power cut. ``expected`` is the text the caller read (None:
-    no ``.info`` yet). Returns None when published, otherwise the newest
-    published text (``""`` if none), so the caller can say who won.
+    survives a power cut. ``durable=False`` skips both fsyncs, for claims
+    whose loss in a power cut recovery handles (the exclusive link makes the
+    compare-and-swap atomic either way). ``expected`` is the text the caller
+    read (None: no ``.info`` yet). Returns None when published, otherwise the
+    newest published text (``""`` if none), so the caller can say who won.
     """
     bits = confine.file_mode(mode)
     confine.positive_int(generation, "generation")
@@ -436,7 +439,8 @@ def publish_info(
                 view = memoryview(data.encode())
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             try:
@@ -448,7 +452,8 @@ def publish_info(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dirfd)
             raise
-        _sync_dir(dirfd)
+        if durable:
+            _sync_dir(dirfd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(claim_name(base, generation - KEEP_CLAIMS), dir_fd=dirfd)
     return None

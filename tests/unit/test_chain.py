@@ -53,7 +53,7 @@ class FakeIO:
         self.texts[path] = data
         return None
 
-    def publish_info(self, directory, base, data, generation, expected, mode=0o640):
+    def publish_info(self, directory, base, data, generation, expected, mode=0o640, durable=True):
         """The daemon's compare-and-swap: claim ``.<base>.gen.<N>`` exclusively, then .info."""
         self._step("replace_text_if")
         info, claim = f"{directory}/{base}.info", f"{directory}/.{base}.gen.{generation}"
