@@ -16,6 +16,8 @@ becomes one command that the generated rootwrap filters allow (:mod:`legacy`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import secrets
@@ -130,25 +132,38 @@ def unlink(path: str) -> bool:
 
 
 @entrypoint(file_pctxt)
-def truncate(path: str, size_bytes: int, mode: int = 0o600) -> None:
-    """Create (with ``mode``) or resize a sparse file to ``size_bytes``."""
-    _size_file(path, size_bytes, mode, "truncate", lambda fd, size: os.ftruncate(fd, size))
+def truncate(path: str, size_bytes: int, mode: int = 0o600, new: bool = False) -> None:
+    """Create (with ``mode``) or resize a sparse file to ``size_bytes``.
+
+    ``new``: the file must not exist yet (FileExistsError): a leftover is
+    never reused with whatever data it holds.
+    """
+    _size_file(path, size_bytes, mode, "truncate", lambda fd, size: os.ftruncate(fd, size), new)
 
 
 @entrypoint(file_pctxt)
-def fallocate(path: str, size_bytes: int, mode: int = 0o600) -> None:
+def fallocate(path: str, size_bytes: int, mode: int = 0o600, new: bool = False) -> None:
     """Create (with ``mode``) or grow a file with ``size_bytes`` really allocated (thick)."""
     _size_file(
-        path, size_bytes, mode, "fallocate", lambda fd, size: os.posix_fallocate(fd, 0, size)
+        path, size_bytes, mode, "fallocate", lambda fd, size: os.posix_fallocate(fd, 0, size), new
     )
 
 
 def _size_file(
-    path: str, size_bytes: int, mode: int, command: str, syscall: Callable[[int, int], None]
+    path: str,
+    size_bytes: int,
+    mode: int,
+    command: str,
+    syscall: Callable[[int, int], None],
+    new: bool = False,
 ) -> None:
     size = confine.positive_int(size_bytes, "size")
     bits = confine.file_mode(mode)
     if runner.via_commands():
+        if new and os.path.basename(os.path.normpath(path)) in legacy.list_directory(
+            os.path.dirname(os.path.normpath(path))
+        ):
+            raise FileExistsError(errno.EEXIST, "already exists", path)
         legacy.size_file(path, size, command, bits)
         return
     with _parent(path) as (dirfd, name):
@@ -159,6 +174,8 @@ def _size_file(
             fd = confine.open_at(dirfd, name, flags | os.O_CREAT | os.O_EXCL, bits, path)
             os.fchmod(fd, bits)
         except FileExistsError:
+            if new:
+                raise
             fd = confine.open_at(dirfd, name, flags, shown=path)
         try:
             _single_link(fd, path)
@@ -274,9 +291,20 @@ def daemon_info() -> dict:
 
 
 @entrypoint(file_pctxt)
-def rename(src: str, dst: str) -> None:
-    """Atomically rename ``src`` to ``dst`` (replacing it), within one directory."""
+def rename(src: str, dst: str, exclusive: bool = False) -> None:
+    """Atomically rename ``src`` to ``dst`` within one directory.
+
+    ``exclusive``: never replace ``dst`` (FileExistsError if it exists), so a
+    new volume's base is checked by this very step instead of by a listing
+    of the share beforehand: ``renameat2(RENAME_NOREPLACE)``, or where the
+    filesystem lacks it (NFS, FUSE), ``link`` (exclusive everywhere) then
+    ``unlink`` of the source.
+    """
     if runner.via_commands():
+        if exclusive and os.path.basename(os.path.normpath(dst)) in legacy.list_directory(
+            os.path.dirname(os.path.normpath(dst))
+        ):
+            raise FileExistsError(errno.EEXIST, "already exists", dst)
         legacy.rename(src, dst)
         return
     if os.path.dirname(os.path.normpath(src)) != os.path.dirname(os.path.normpath(dst)):
@@ -286,7 +314,26 @@ def rename(src: str, dst: str) -> None:
     with _parent(src, "source") as (dirfd, name):
         target = os.path.basename(os.path.normpath(dst))
         confine.plain_name(target, "destination")
-        os.rename(name, target, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        if not exclusive:
+            os.rename(name, target, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        else:
+            _rename_noreplace(dirfd, name, target)
+
+
+_RENAME_NOREPLACE = 1
+_renameat2 = getattr(confine._libc, "renameat2", None)
+
+
+def _rename_noreplace(dirfd: int, name: str, target: str) -> None:
+    if _renameat2 is not None:
+        rc = _renameat2(dirfd, os.fsencode(name), dirfd, os.fsencode(target), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), target)
+    os.link(name, target, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
+    os.unlink(name, dir_fd=dirfd)
 
 
 @entrypoint(file_pctxt)
@@ -394,6 +441,24 @@ def _generation_of(text: str | None) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def info_tmp_name(base: str, generation: int) -> str:
+    """The temp file an ``.info`` of generation ``generation`` is written to before its claim.
+
+    Deterministic, so a volume's deletion can name it without listing the
+    share, and exclusive: of two publishers of one generation the second
+    cannot create it (it loses, as it would at the claim).
+    """
+    return f".{base}.info.tmp-{generation}"
+
+
+def exists_at(dirfd: int, name: str) -> bool:
+    """Whether ``name`` is a regular file in ``dirfd`` (one lookup; a link is not followed)."""
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 @entrypoint(file_pctxt)
 def publish_info(
     directory: str,
@@ -407,16 +472,25 @@ def publish_info(
     """Compare-and-swap a volume's ``.info``: publish generation ``generation`` exactly once.
 
     Atomic on the share itself, for writers on any host: the new text is
-    written and fsync'd to a temp file, then *linked* to the claim name
-    ``.<base>.gen.<generation>`` (``link(2)`` fails if the name exists: of
-    all writers that read generation N, exactly one creates N+1), then
-    renamed over ``<base>.info`` (Cinder's name; the same inode as the
-    claim), and the directory is fsync'd: a generation reported as written
-    survives a power cut. ``durable=False`` skips both fsyncs, for claims
-    whose loss in a power cut recovery handles (the exclusive link makes the
-    compare-and-swap atomic either way). ``expected`` is the text the caller
-    read (None: no ``.info`` yet). Returns None when published, otherwise the
-    newest published text (``""`` if none), so the caller can say who won.
+    written and fsync'd to the temp file :func:`info_tmp_name` (created
+    exclusively: a second publisher of the same generation loses there), then
+    that descriptor is *linked* to the claim name ``.<base>.gen.<generation>``
+    (``link(2)`` fails if the name exists: of all writers that read
+    generation N, exactly one creates N+1), then renamed over ``<base>.info``
+    (Cinder's name; the same inode as the claim), and the directory is
+    fsync'd: a generation reported as written survives a power cut.
+    ``durable=False`` skips both fsyncs, for claims whose loss in a power
+    cut recovery handles (the exclusive link makes the compare-and-swap
+    atomic either way). ``expected`` is the text the caller read (None: no
+    ``.info`` yet, and no deletion marker either). Returns None when
+    published, otherwise the newest published text (``""`` if none), so
+    the caller can say who won.
+
+    The claim is linked from the descriptor (``/proc/self/fd/N``), not from
+    the temp name: a publisher whose temp file was removed meanwhile (a
+    leftover sweep under the volume's lock) links nothing, since its inode
+    has no name left, and can never publish a file another writer is
+    still writing under the same name.
     """
     bits = confine.file_mode(mode)
     confine.positive_int(generation, "generation")
@@ -430,9 +504,17 @@ def publish_info(
         current = effective_info(dirfd, base)
         if current != expected:
             return "" if current is None else current
-        tmp = f".{base}.info.tmp-{secrets.token_hex(6)}"
+        if expected is None and exists_at(dirfd, f".{base}.deleting"):
+            return ""  # a volume of this id is being deleted: not a new one
+        tmp = info_tmp_name(base, generation)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, bits, dir_fd=dirfd)
+        try:
+            fd = os.open(tmp, flags, bits, dir_fd=dirfd)
+        except FileExistsError:
+            # Another publisher of this generation is at work (or died at it:
+            # the next locked operation on the volume removes its leftover).
+            return effective_info(dirfd, base) or ""
+        ino = os.fstat(fd).st_ino
         try:
             try:
                 os.fchmod(fd, bits)
@@ -441,22 +523,38 @@ def publish_info(
                     view = view[os.write(fd, view) :]
                 if durable:
                     os.fsync(fd)
+                os.link(
+                    f"/proc/self/fd/{fd}",
+                    claim_name(base, generation),
+                    dst_dir_fd=dirfd,
+                    follow_symlinks=True,
+                )
             finally:
                 os.close(fd)
-            try:
-                os.link(tmp, claim_name(base, generation), src_dir_fd=dirfd, dst_dir_fd=dirfd)
-            except FileExistsError:
-                return effective_info(dirfd, base) or ""  # another writer won
-            os.rename(tmp, base + ".info", src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except (FileExistsError, FileNotFoundError):
+            # The claim exists (another writer won) or our temp file was
+            # removed under us (we were fenced): either way we lost.
+            _unlink_if_same(dirfd, tmp, ino)
+            return effective_info(dirfd, base) or ""
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=dirfd)
+            _unlink_if_same(dirfd, tmp, ino)
             raise
+        try:
+            os.rename(tmp, base + ".info", src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except FileNotFoundError:
+            pass  # removed by a sweep: the claim is published, and readers read claims
         if durable:
             _sync_dir(dirfd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(claim_name(base, generation - KEEP_CLAIMS), dir_fd=dirfd)
     return None
+
+
+def _unlink_if_same(dirfd: int, name: str, ino: int) -> None:
+    """Remove ``name`` if it is still the file we created (inode ``ino``), not a successor's."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_ino == ino:
+            os.unlink(name, dir_fd=dirfd)
 
 
 @entrypoint(file_pctxt)

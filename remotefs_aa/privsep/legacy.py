@@ -276,3 +276,46 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool) -> 
         "files": listing,
         "chain": None,  # the caller walks it (one qemu-img info)
     }
+
+
+def share_scan(directory: str, default_format: str) -> dict:
+    """The rootwrap modes' share scan: one listing, then each volume's .info and active image."""
+    import re
+
+    folder = _path(directory, "directory")
+    grouped: dict[str, list[str]] = {}
+    for name in list_directory(folder):
+        match = re.match(r"^\.?volume-([A-Za-z0-9][A-Za-z0-9_-]{0,127})(?:\.|$)", name)
+        if match:
+            grouped.setdefault(match.group(1), []).append(name)
+    volumes = {}
+    for vid, names in grouped.items():
+        base = f"volume-{vid}"
+        text = None
+        if base + ".info" in names:
+            try:
+                text = read_file(os.path.join(folder, base + ".info"), 1024 * 1024)
+            except FileNotFoundError:
+                text = None
+        size, active, fmt = None, base, default_format
+        if text is not None:
+            try:
+                data = json.loads(text)
+                active, fmt = str(data.get("active")), data.get("format", default_format)
+            except (ValueError, AttributeError):
+                active = ""
+        if active in names:
+            top_fmt = fmt if active == base else "qcow2"
+            try:
+                size = image_chain(os.path.join(folder, active), top_fmt)[0]["virtual_size"]
+            except exception.RemoteFSAAError:
+                size = None
+        volumes[vid] = {
+            "info": text,
+            "deleting": f".{base}.deleting" in names,
+            "base": base in names,
+            "size": size,
+            "error": None,
+            "files": sorted(names),
+        }
+    return {"volumes": volumes}

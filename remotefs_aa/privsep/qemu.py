@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 
 from remotefs_aa import exception
@@ -395,14 +396,21 @@ def _offset(value: object) -> int:
 
 @entrypoint(file_pctxt)
 def volume_state(directory: str, base: str, default_format: str, walk: bool = True) -> dict:
-    """Everything a chain operation reads first, in one round trip.
+    """Everything a chain operation reads first, in one round trip, by name only.
 
-    ``{"info": text of <base>.info or None, "deleting": bool, "files": {name:
-    0} for this volume's files only (names; sizes are not read), "chain":
-    headers from the active image down (or None)}``. Nothing
-    here is trusted by the daemon: the active name is only used to start the
-    walk (if it is one of the volume's file names); the caller validates the
-    .info text and every header exactly as if it had read them one by one.
+    ``{"info": text of <base>.info (or of a newer claim) or None, "deleting":
+    bool, "files": {name: 0} of this volume's files found among those looked
+    up, "chain": headers from the active image down (or None)}``.
+
+    Nothing is listed: the cost is the volume's own, however many other
+    volumes share the directory. Looked up are ``<base>.info`` and the claims
+    above it, the deletion marker, the base, the chain from the active image
+    down (``walk``), the files a recorded intent names, and the temp file the
+    next generation's publisher would use (a leftover of one that died, for
+    the locked caller to remove). Nothing here is trusted by the daemon: the
+    active name is only used to start the walk (if it is one of the volume's
+    file names); the caller validates the .info text and every header exactly
+    as if it had read them one by one.
     """
     from remotefs_aa.privsep import files
 
@@ -414,35 +422,151 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool = Tr
         directory, settings().allowed_paths, "directory", confine.DIR_FLAGS, allow_base=True
     )
     try:
-        # Only this volume's files, names only: callers need no sizes.
-        listing = files.scan_fd(dirfd, (base, f".{base}"), sizes=False)
-        text = None
-        if base + ".info" in listing or any(n.startswith(f".{base}.gen.") for n in listing):
-            text = files.effective_info(dirfd, base, set(listing))
+        found: dict[str, int] = {}
+        try:
+            text = files.effective_info(dirfd, base)
+        except exception.PrivilegedArgumentRefused:
+            text = None  # a link or a non-file where .info should be: reported as no .info
         active: str | None = base
         fmt = default_format
+        named: list[object] = []
+        generation = 0
         if text is not None:
+            found[base + ".info"] = 0
             try:
                 data = json.loads(text)
                 fmt = data.get("format", default_format)
                 active = data.get("active")
+                generation = files._generation_of(text)
+                intent = data.get("intent")
+                if isinstance(intent, dict):
+                    named = [intent.get(k) for k in ("file", "base", "higher", "tmp")]
                 if images.volume_of(active) != images.volume_of(base):
                     active = None
             except (ValueError, AttributeError, TypeError):
                 active = None
         chain = None
-        if walk and active and active in listing:
+        if walk and isinstance(active, str) and files.exists_at(dirfd, active):
             try:
                 chain = image_chain.__wrapped__(  # type: ignore[attr-defined]
                     os.path.join(directory, active), [base] if fmt == "raw" else None
                 )
+                found.update((os.path.basename(link["filename"]), 0) for link in chain)
             except (OSError, exception.RemoteFSAAError):
                 chain = None  # the caller reads it again and reports the problem
+        volume = images.volume_of(base)
+        wanted = [base, f".{base}.deleting", files.info_tmp_name(base, generation + 1), *named]
+        for name in wanted:
+            if (
+                isinstance(name, str)
+                and name not in found
+                and (images.volume_of(name) == volume or name.startswith(f".{base}."))
+                and "/" not in name
+                and files.exists_at(dirfd, name)
+            ):
+                found[name] = 0
     finally:
         os.close(dirfd)
+    deleting = f".{base}.deleting"
+    return {"info": text, "deleting": deleting in found, "files": found, "chain": chain}
+
+
+#: Any name of volume ``vol``: its images (``volume-<id>[.<snap>]``, the
+#: ``.info``) and its hidden bookkeeping (``.volume-<id>.<anything>``).
+_ANY_OF_VOLUME = re.compile(rf"^\.?volume-(?P<vol>{images.ID_PATTERN})(?:\.|$)")
+
+
+@entrypoint(file_pctxt)
+def share_scan(directory: str, default_format: str) -> dict:
+    """One pass over a share: what stats, ``volume list`` and the leftover sweep need.
+
+    One directory read (names and types from readdir; a stat only for a raw
+    base that is its volume's active image, for its size), and per volume its
+    ``.info`` text (with any newer claim, from names the read already has)
+    and the header of its active image: ``{"volumes": {id: {"info": text or
+    None, "deleting": bool, "base": bool, "size": virtual size of the active
+    image or None, "error": why it could not be read or None, "files": [every
+    name of the volume]}}}``. Nothing else is opened, so its cost is one read
+    of the directory plus one header per volume, not one directory read per
+    volume. Headers are read as every chain walk reads them (by descriptor,
+    no link followed, raw never parsed when the ``.info`` says raw); the
+    caller validates the ``.info`` texts.
+    """
+    fmt_default = confine.image_format(default_format)
+    if runner.via_commands():
+        return legacy.share_scan(directory, fmt_default)
+    dirfd = confine.open_beneath(
+        directory, settings().allowed_paths, "directory", confine.DIR_FLAGS, allow_base=True
+    )
+    try:
+        by_volume: dict[str, list[str]] = {}
+        with os.scandir(dirfd) as entries:
+            for entry in entries:
+                match = _ANY_OF_VOLUME.match(entry.name)
+                if match is None:
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                except FileNotFoundError:
+                    continue  # removed (by another volume's operation) while we listed
+                by_volume.setdefault(match["vol"], []).append(entry.name)
+        volumes = {}
+        for vid, names in by_volume.items():
+            volumes[vid] = _scan_volume(dirfd, directory, vid, names, fmt_default)
+    finally:
+        os.close(dirfd)
+    return {"volumes": volumes}
+
+
+def _scan_volume(dirfd: int, directory: str, vid: str, names: list[str], fmt: str) -> dict:
+    """One volume of :func:`share_scan`: its ``.info`` text and its active image's size."""
+    from remotefs_aa.privsep import files, qcow2
+
+    base = f"volume-{vid}"
+    present = set(names)
+    text: str | None = None
+    error: str | None = None
+    if base + ".info" in present or any(n.startswith(f".{base}.gen.") for n in present):
+        try:
+            text = files.effective_info(dirfd, base, present)
+        except (OSError, exception.RemoteFSAAError) as exc:
+            error = f"{base}.info cannot be read: {exc}"
+    active: object = base
+    if text is not None:
+        try:
+            data = json.loads(text)
+            fmt = data.get("format", fmt) if data.get("format") in images.FORMATS else fmt
+            active = data.get("active")
+        except (ValueError, AttributeError):
+            active = None  # the caller reports the unusable file
+    size = None
+    if isinstance(active, str) and active in present and images.backing_allowed(vid, active):
+        path = os.path.join(directory, active)
+        try:
+            fd = images.open_image(dirfd, directory, active)
+            try:
+                if active == base and fmt == "raw":
+                    size = os.fstat(fd).st_size  # raw is raw: never parsed
+                else:
+                    header = qcow2.read_header_fd(fd, path)
+                    size = header.virtual_size
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            pass  # removed since the directory read: reported without a size
+        except (OSError, exception.RemoteFSAAError) as exc:
+            error = error or str(exc)
+    if size is None and base in present:
+        # No usable active image (an unreadable .info, say): the base file's
+        # length, what a listing used to report for it.
+        with contextlib.suppress(OSError):
+            size = os.stat(base, dir_fd=dirfd, follow_symlinks=False).st_size
     return {
         "info": text,
-        "deleting": f".{base}.deleting" in listing,
-        "files": listing,
-        "chain": chain,
+        "deleting": f".{base}.deleting" in present,
+        "base": base in present,
+        "size": size,
+        "error": error,
+        "files": sorted(names),
     }

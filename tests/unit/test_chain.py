@@ -32,6 +32,8 @@ class FakeIO:
         self.calls: list[str] = []
         self.fail_at: tuple[str, int] | None = None
         self.modes: dict[str, int] = {}
+        #: Whole-directory reads: no operation on one volume may make any.
+        self.listings = 0
 
     def _step(self, name: str) -> None:
         self.calls.append(name)
@@ -80,18 +82,24 @@ class FakeIO:
                 removed.append(name)
         return removed
 
-    def rename(self, src, dst):
+    def rename(self, src, dst, exclusive=False):
         self._step("rename")
+        if exclusive and (dst in self.images or dst in self.texts):
+            raise FileExistsError(dst)
         store = self.images if src in self.images else self.texts
         store[dst] = store.pop(src)
 
+    def _names(self):
+        return {os.path.basename(p): 1 for p in [*self.images, *self.texts]}
+
     def list_directory(self, path):
-        names = {os.path.basename(p): 1 for p in [*self.images, *self.texts]}
-        return names
+        self.listings += 1
+        return self._names()
 
     def volume_state(self, directory, base, default_format, walk=True):
+        """The daemon's answer: only this volume's names (the daemon looks them up)."""
         text = self.texts.get(f"{directory}/{base}.info")
-        files = self.list_directory(directory)
+        files = {n: 0 for n in self._names() if n.startswith((base, f".{base}"))}
         active, fmt = base, default_format
         if text is not None:
             try:
@@ -108,6 +116,35 @@ class FakeIO:
             "files": files,
             "chain": chain,
         }
+
+    def share_scan(self, directory, default_format):
+        """The daemon's one pass: names grouped by volume, each .info and its active's size."""
+        import re
+
+        volumes = {}
+        for name in sorted(self._names()):
+            match = re.match(r"^\.?volume-([A-Za-z0-9][A-Za-z0-9_-]*)(?:\.|$)", name)
+            if match:
+                volumes.setdefault(match.group(1), []).append(name)
+        out = {}
+        for vid, names in volumes.items():
+            base = f"volume-{vid}"
+            text = self.texts.get(f"{directory}/{base}.info")
+            active = base
+            try:
+                active = json.loads(text).get("active") if text else base
+            except (ValueError, AttributeError):
+                active = None
+            image = self.images.get(f"{directory}/{active}")
+            out[vid] = {
+                "info": text,
+                "deleting": f".{base}.deleting" in names,
+                "base": base in names,
+                "size": image["size"] if image else None,
+                "error": None,
+                "files": names,
+            }
+        return {"volumes": out}
 
     def image_chain(self, path, raw=None):
         out = []
@@ -133,6 +170,8 @@ class FakeIO:
 
     def create(self, path, fmt, size, backing, backing_fmt, mode):
         self._step("create")
+        if path in self.images:
+            raise FileExistsError(path)  # the daemon creates with O_EXCL
         self.modes[path] = mode
         self.images[path] = {
             "format": fmt,
@@ -141,8 +180,10 @@ class FakeIO:
             "backing_format": backing_fmt,
         }
 
-    def truncate(self, path, size, mode):
+    def truncate(self, path, size, mode, new=False):
         self._step("truncate")
+        if new and path in self.images:
+            raise FileExistsError(path)
         self.modes.setdefault(path, mode)
         self.images.setdefault(path, {"format": "raw", "backing": None})["size"] = size
 
@@ -154,13 +195,16 @@ class FakeIO:
     def rebase_unsafe(self, path, backing, backing_fmt):
         self._step("rebase_unsafe")
         self.images[path]["backing"] = backing
+        self.images[path]["backing_format"] = backing_fmt
 
-    def resize(self, path, fmt, size):
+    def resize(self, path, fmt, size, skip_backing=False):
         self._step("resize")
         self.images[path]["size"] = size
 
     def convert(self, src, src_fmt, dst, dst_fmt, sparse, mode):
         self._step("convert")
+        if dst in self.images:
+            raise FileExistsError(dst)
         self.modes[dst] = mode
         self.images[dst] = {"format": dst_fmt, "size": self.images[src]["size"], "backing": None}
 
@@ -293,7 +337,12 @@ def test_interrupted_delete_is_finished_by_the_next_operation(io, fail_at):
     assert c.verify()["problems"] == []
 
 
-def test_interrupted_create_snapshot_is_rolled_back(io):
+def test_interrupted_create_snapshot_is_swept_by_the_share_sweep(io):
+    """The orphan is found by the periodic share sweep, not by the next operation.
+
+    An operation reads only its own volume's names, so it cannot see an
+    overlay nothing names; the sweep (one directory read per share) can.
+    """
     c = _with_snaps(io, 1)
     io.fail_at = ("replace_text_if", 1)  # after the overlay exists, before publishing it
     with pytest.raises(Boom):
@@ -301,8 +350,50 @@ def test_interrupted_create_snapshot_is_rolled_back(io):
     assert f"{D}/volume-v1.s2" in io.images
     assert c.verify()["problems"] == ["orphan file volume-v1.s2"]
     c.create_snapshot("s3")
+    assert f"{D}/volume-v1.s2" in io.images  # an operation does not list the share
+    generation = c.load().generation
+    assert c.sweep_orphans(["volume-v1.s2", "volume-v1.s3", "volume-v1"]) == ["volume-v1.s2"]
     assert f"{D}/volume-v1.s2" not in io.images and "s2" not in c.load().snapshots
+    assert c.load().generation == generation + 1  # claimed before the removal
     assert c.verify()["problems"] == []
+    assert c.sweep_orphans(["volume-v1.s3"]) == [] and c.load().generation == generation + 1
+
+
+def test_a_lapsed_creator_of_a_swept_orphan_is_refused_at_its_publish(io):
+    """The sweep publishes a generation before it removes an orphan: the creator loses."""
+    c = _with_snaps(io, 1)
+    lapsed = _chain(io)
+    seen = lapsed.load()  # the lapsed holder read the chain, then made its overlay...
+    io.create(f"{D}/volume-v1.s2", "qcow2", GiB, "volume-v1.s1", "qcow2", 0o660)
+    assert c.sweep_orphans(["volume-v1.s2"]) == ["volume-v1.s2"]  # ... and froze meanwhile
+    with pytest.raises(exception.StaleInfoGeneration):
+        lapsed.save(seen, active="volume-v1.s2", snapshots={**seen.snapshots, "s2": "volume-v1.s2"})
+    assert c.verify()["problems"] == []
+
+
+def test_no_operation_on_a_volume_lists_the_share(io):
+    """Create, snapshot create/delete, revert, extend, clone, delete: names only."""
+    c = _chain(io)
+    c.create_base("raw", "thin")
+    c.create_snapshot("s1")
+    c.create_snapshot("s2")
+    c.delete_snapshot("s1")
+    c.revert("s2")
+    c.extend(2)
+    _chain(io, "v2").create_from(f"{D}/volume-v1.s2", "qcow2", GiB, "raw", True)
+    _chain(io, "v2").delete_volume()
+    c.delete_volume()
+    assert io.listings == 0
+    assert io.images == {} and io.texts == {}
+
+
+def test_a_leftover_temp_file_of_a_dead_create_is_replaced(io):
+    io.truncate(f"{D}/.volume-v1.tmp", 5, 0o600)
+    io.images[f"{D}/.volume-v1.tmp"]["stale"] = True
+    c = _chain(io)
+    c.create_base("raw", "thin")
+    assert "stale" not in io.images[f"{D}/volume-v1"]
+    assert f"{D}/.volume-v1.tmp" not in io.images
 
 
 def test_interrupted_revert_is_redone(io):
