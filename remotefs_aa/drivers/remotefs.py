@@ -16,6 +16,7 @@ daemon). Everything else is here, once:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from remotefs_aa import coordination, exception
 from remotefs_aa.coordination import synchronized
 from remotefs_aa.drivers import presence
 from remotefs_aa.drivers.base import ModelUpdate, VolumeDriver
-from remotefs_aa.image.chain import Chain, GiB, ImageIO, PrivilegedIO
+from remotefs_aa.image.chain import Chain, GiB, ImageIO, PrivilegedIO, parse_info
 from remotefs_aa.image.qemu import ImageInfo
 from remotefs_aa.objects import Volume
 
@@ -122,7 +123,9 @@ class RemoteFSDriver(VolumeDriver):
         try:
             for share in self._shares:
                 self._presence.join(share, self.share_path(share))
-                self._leftovers[share] = self.sweep_leftovers(share)["kept"]
+                # One read of the share: the provisioned figures to count
+                # from, and the leftovers of interrupted work swept.
+                self._leftovers[share] = self.sweep_leftovers(share, self._rescan(share))["kept"]
         except BaseException:
             self.close()
             raise
@@ -133,37 +136,79 @@ class RemoteFSDriver(VolumeDriver):
             self._presence.leave()
             self._presence = None
 
-    def sweep_leftovers(self, share: str) -> dict[str, list[str]]:
-        """Remove what interrupted creates, clones and publishes left on ``share``.
+    def sweep_leftovers(self, share: str, scan: dict | None = None) -> dict[str, list[str]]:
+        """Remove what interrupted work left on ``share``, from one read of the share.
 
         ``.volume-<id>.tmp`` (a create, clone, or image copy that died),
         ``.volume-<id>.info.tmp-*`` (an ``.info`` publish that died before its
-        claim). Each is removed under its volume's lock, taken without
-        waiting: a leftover whose volume is busy may be another host's work
-        in progress and is kept. A revert's ``.volume-<id>.<snap>.revert`` is
-        the next operation's to finish (its intent says so) and is left to it.
-        Returns ``{"removed": [...], "kept": [...]}``.
+        claim), overlays the volume's ``.info`` does not name (a snapshot
+        create that died: removed by ``Chain.sweep_orphans``, which publishes
+        a generation first so a holder whose lock lapsed is refused), and the
+        files of a volume that has neither base nor ``.info`` nor deletion
+        marker left (what only a listing finds after a deletion: an orphan
+        overlay, a claim a crashed publish did not prune). Operations read
+        only their own volume's names, so this sweep is where a listing
+        happens: ``scan`` (``share_scan``; read here if not given). Each
+        volume is handled under its lock, taken without waiting: a volume
+        that is busy may be another host's work in progress and is kept. A
+        revert's ``.volume-<id>.<snap>.revert`` is the next operation's to
+        finish (its intent says so) and is left to it. Returns ``{"removed":
+        [...], "kept": [...]}``.
         """
         path = self.share_path(share)
+        scan = scan if scan is not None else self.io.share_scan(path, self.volume_format)
         result: dict[str, list[str]] = {"removed": [], "kept": []}
-        for name in sorted(self.io.list_directory(path)):
-            match = _LEFTOVER.match(name)
-            if not match:
+        for vid, seen in sorted(scan["volumes"].items()):
+            leftovers = [n for n in seen["files"] if _LEFTOVER.match(n)]
+            gone = not (seen["base"] or seen["info"] is not None or seen["deleting"])
+            orphans = self._orphans(vid, seen) if not gone else []
+            if gone:
+                leftovers = [n for n in seen["files"] if not n.endswith(".revert")]
+            if not (leftovers or orphans):
                 continue
             try:
-                with coordination.locked(match["vol"], blocking=False, purpose=f"sweep {name}"):
-                    self.io.unlink(os.path.join(path, name))
+                with coordination.locked(vid, blocking=False, purpose=f"sweep of {share}"):
+                    removed = self.io.unlink_many(path, leftovers) if leftovers else []
+                    if orphans:
+                        chain = Chain(
+                            self.io, path, vid, 0, self.volume_format, self.file_mode(share)
+                        )
+                        removed += chain.sweep_orphans(orphans)
             except exception.LockBusy:
-                result["kept"].append(name)
+                result["kept"] += [*leftovers, *orphans]
                 continue
-            LOG.warning(
-                "volume %s: removed %s on %s, left by an interrupted operation",
-                match["vol"],
-                name,
-                share,
-            )
-            result["removed"].append(name)
+            except exception.VolumeError as exc:
+                LOG.warning("volume %s on %s: leftovers kept: %s", vid, share, exc)
+                result["kept"] += [*leftovers, *orphans]
+                continue
+            for name in removed:
+                LOG.warning(
+                    "volume %s: removed %s on %s, left by an interrupted operation",
+                    vid,
+                    name,
+                    share,
+                )
+            result["removed"] += removed
         return result
+
+    @staticmethod
+    def _orphans(volume_id: str, seen: dict) -> list[str]:
+        """Overlays of the volume (as the scan saw it) that its ``.info`` does not name."""
+        if seen["info"] is None or seen["deleting"]:
+            return []
+        try:
+            data = json.loads(seen["info"])
+            named = {v for v in data.values() if isinstance(v, str)}
+        except (ValueError, AttributeError):
+            return []  # never delete what we cannot read
+        if data.get("intent"):
+            return []  # the next operation on the volume finishes that first
+        base = f"volume-{volume_id}"
+        return [
+            n
+            for n in seen["files"]
+            if n.startswith(base + ".") and n != base + ".info" and n not in named
+        ]
 
     def check_for_setup_error(self) -> None:
         for share in self._shares:
@@ -534,39 +579,38 @@ class RemoteFSDriver(VolumeDriver):
                 volumes[volume_id] = size
 
     def _provisioned_bytes(self, share: str) -> int:
-        """Provisioned size of ``share``: counted, and rescanned now and then.
+        """Provisioned size of ``share``: the figures counted since its last rescan.
 
-        A rescan lists the share once, so other hosts' volumes are counted
-        too, without a ``du`` of every file on every poll. A raw volume
-        without snapshots counts its apparent size; one with snapshots or in
-        qcow2 its active image's virtual size (an extend grows only the top
-        of a chain), read with its headers in one round trip.
+        Never a rescan here (this runs inside every create and clone, through
+        ``find_share``): each operation adjusts its own volume's figure
+        (``_account``), and ``get_volume_stats`` rescans (``_rescan``), so
+        other hosts' volumes are counted from the next periodic refresh on.
+        Only a share never scanned yet (no ``do_setup``) is scanned here once.
         """
-        interval = self.conf.provisioned_capacity_refresh_interval
-        now = time.monotonic()
-        if share not in self._scanned_at or now - self._scanned_at[share] >= interval:
-            path = self.share_path(share)
-            files = self.io.list_directory(path)
-            with_overlays = {
-                n.split(".", 1)[0]
-                for n in files
-                if n.startswith("volume-") and "." in n and not n.endswith(".info")
-            }
-            sizes: dict[str, int] = {}
-            for name, size in files.items():
-                if name.startswith("volume-") and "." not in name:
-                    if self.volume_format == "qcow2" or name in with_overlays:
-                        try:
-                            seen = self.io.volume_state(path, name, self.volume_format)
-                            size = max(link["virtual_size"] for link in seen["chain"] or [])
-                        except (exception.RemoteFSAAError, OSError, ValueError):
-                            pass  # being created or deleted right now: its listed size
-                    sizes[name[len("volume-") :]] = size
-            with self._stats_lock:
-                self._provisioned[share] = sizes
-                self._scanned_at[share] = now
+        with self._stats_lock:
+            scanned = share in self._scanned_at
+        if not scanned:
+            self._rescan(share)
         with self._stats_lock:
             return sum(self._provisioned.get(share, {}).values())
+
+    def _rescan(self, share: str) -> dict:
+        """Recount ``share``'s provisioned bytes from one ``share_scan``; the scan.
+
+        One directory read for the whole share plus one header read per volume
+        (its active image: an extend grows only the top of a chain, so the top
+        says the volume's size; a raw base that is its own top, by its size),
+        instead of a read of the directory per volume.
+        """
+        scan = self.io.share_scan(self.share_path(share), self.volume_format)
+        sizes = {}
+        for vid, seen in scan["volumes"].items():
+            if seen["base"] and not seen["deleting"] and seen["size"] is not None:
+                sizes[vid] = seen["size"]
+        with self._stats_lock:
+            self._provisioned[share] = sizes
+            self._scanned_at[share] = time.monotonic()
+        return scan
 
     def share_capacity(self, share: str) -> dict:
         """Capacity of one share, in bytes, with what it may still take."""
@@ -610,11 +654,17 @@ class RemoteFSDriver(VolumeDriver):
 
     def get_volume_stats(self, refresh: bool = False) -> dict:
         pools = []
+        interval = self.conf.provisioned_capacity_refresh_interval
         for share in self._shares:
+            with self._stats_lock:
+                age = time.monotonic() - self._scanned_at.get(share, -math.inf)
             if refresh:
-                # The periodic refresh is where interrupted work is swept; what
-                # another host's lock still covers is counted, not removed.
-                self._leftovers[share] = self.sweep_leftovers(share)["kept"]
+                # Cinder's periodic task: one read of the share recounts it and
+                # sweeps interrupted work; what another host's lock still covers
+                # is counted, not removed.
+                self._leftovers[share] = self.sweep_leftovers(share, self._rescan(share))["kept"]
+            elif age >= interval:
+                self._rescan(share)  # a caller that never refreshes still sees others' volumes
             cap = self.share_capacity(share)
             pools.append(
                 {
@@ -647,32 +697,44 @@ class RemoteFSDriver(VolumeDriver):
     def list_volumes(self) -> list[Volume]:
         """Volumes found on the shares (base files), sized from their active images.
 
-        A volume whose chain cannot be read (a truncated .info file, a bad
-        header) is listed with status ``error`` and the reason, sized from
-        its base file, so one broken volume does not hide the others.
+        One ``share_scan`` per share (one directory read, one header per
+        volume). A volume whose chain cannot be read (a truncated .info file,
+        a bad header) is listed with status ``error`` and the reason, so one
+        broken volume does not hide the others.
         """
         found = []
         for share in self._shares:
-            files = self.io.list_directory(self.share_path(share))
-            for name in sorted(files):
-                match = _BASE_RE.match(name)
-                if not match:
+            path = self.share_path(share)
+            scan = self.io.share_scan(path, self.volume_format)
+            for vid, seen in sorted(scan["volumes"].items()):
+                if not seen["base"] or seen["deleting"]:
                     continue
-                try:
-                    found.append(self._volume_on(share, match.group(1)))
-                except FileNotFoundError:
-                    continue  # deleted since the listing
-                except (exception.RemoteFSAAError, OSError) as exc:
-                    size = max(1, math.ceil(files[name] / GiB))
-                    found.append(
-                        Volume(match.group(1), size, share, status="error", error=str(exc))
-                    )
+                found.append(self._listed(share, path, vid, seen))
         return found
 
+    def _listed(self, share: str, path: str, volume_id: str, seen: dict) -> Volume:
+        error = seen["error"]
+        if seen["info"] is not None and error is None:
+            try:
+                parse_info(os.path.join(path, f"volume-{volume_id}.info"), seen["info"], "raw")
+            except exception.RemoteFSAAError as exc:
+                error = str(exc)
+        if error is None and seen["size"] is None:
+            error = f"the active image of volume {volume_id} is missing"
+        size = max(1, math.ceil((seen["size"] or 0) / GiB))
+        if error is not None:
+            return Volume(volume_id, size, share, status="error", error=error)
+        return Volume(id=volume_id, size=size, provider_location=share, status="available")
+
     def find_volume(self, volume_id: str) -> Volume | None:
-        """The volume with this id on any share, or None (for the CLI; no database)."""
+        """The volume with this id on any share, or None (for the CLI; no database).
+
+        Looked up by name on each share (``volume_state``), never by a listing.
+        """
         for share in self._shares:
-            if f"volume-{volume_id}" in self.io.list_directory(self.share_path(share)):
+            path = self.share_path(share)
+            seen = self.io.volume_state(path, f"volume-{volume_id}", self.volume_format, False)
+            if f"volume-{volume_id}" in seen["files"]:
                 return self._volume_on(share, volume_id)
         return None
 

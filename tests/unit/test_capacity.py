@@ -24,6 +24,20 @@ class StatsIO:
     def list_directory(self, path):
         return dict(self.files.get(path, {}))
 
+    def share_scan(self, path, default_format):
+        """The daemon's one pass over a share: raw volumes without snapshots, sized by file."""
+        volumes = {}
+        for name, size in self.files.get(path, {}).items():
+            volumes[name[len("volume-") :]] = {
+                "info": None,
+                "deleting": False,
+                "base": True,
+                "size": size,
+                "error": None,
+                "files": [name],
+            }
+        return {"volumes": volumes}
+
 
 def _driver(io, **overrides):
     conf = make_conf()
