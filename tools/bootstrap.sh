@@ -20,10 +20,11 @@ need sudo
 if (( want_test )); then
     # Real servers for the functional tests (started by the tests on 127.0.0.1),
     # plus Debian's venv for the privileged-helper tests (an unprivileged user's venv).
-    # GlusterFS (server + FUSE client) and iproute2 for the shared-filesystem tests,
+    # GlusterFS (server + FUSE client) and iproute2 for the shared-filesystem tests
+    # (xfsprogs: a loop-mounted XFS with reflinks for the copy-offload test),
     # which run glusterd in a network namespace of their own.
     for p in redis-server zookeeper etcd-server etcd-client memcached mariadb-server postgresql \
-        python3-venv glusterfs-server glusterfs-client iproute2 util-linux; do
+        python3-venv glusterfs-server glusterfs-client iproute2 util-linux xfsprogs; do
         need "$p"
     done
 fi

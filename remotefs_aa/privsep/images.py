@@ -93,6 +93,9 @@ class Layer:
     virtual_size: int
     backing: str | None
     cluster_size: int | None
+    #: The smallest unit qemu allocates in this qcow2 layer: its cluster, or a
+    #: 32nd of it with extended L2 entries (subclusters); None for raw.
+    allocation_unit: int | None = None
 
 
 class OpenChain:
@@ -221,6 +224,8 @@ def open_chain(
                 )
             layer.virtual_size = header.virtual_size
             layer.cluster_size = header.cluster_size
+            extended = header.incompatible_features & qcow2.INCOMPAT_EXTENDED_L2
+            layer.allocation_unit = header.cluster_size // (32 if extended else 1)
             layer.backing = header.backing_file
             if header.backing_file is None:
                 break

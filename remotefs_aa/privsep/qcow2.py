@@ -65,6 +65,8 @@ CRYPT_METHODS = (0, 1, 2)
 
 #: Incompatible feature bit 2: guest data lives in an external data file.
 INCOMPAT_DATA_FILE = 1 << 2
+#: Incompatible feature bit 4: extended L2 entries (32 subclusters per cluster).
+INCOMPAT_EXTENDED_L2 = 1 << 4
 
 _V2_LENGTH = 72
 _V3_MIN_LENGTH = 104

@@ -21,6 +21,7 @@ In the legacy rootwrap modes the same entrypoints build path commands
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -89,9 +90,9 @@ def qemu_img_create(
     """Create an image; with ``backing_file``, a qcow2 overlay on that file.
 
     The new file must not exist yet. An overlay's backing file must be one
-    of the same volume's files in the same directory; it is checked (with
-    its whole chain) but not opened by qemu-img (``-u``), and the size
-    defaults to the backing file's.
+    of the same volume's files in the same directory; it is checked (the
+    file itself; its chain whenever qemu-img is given it) but not opened by
+    qemu-img (``-u``), and the size defaults to the backing file's.
     """
     fmt = confine.image_format(fmt)
     if runner.via_commands():
@@ -110,7 +111,11 @@ def qemu_img_create(
                     f"volume in the same directory"
                 )
             backing_fmt = confine.image_format(backing_fmt or "")
-            with images.open_chain(dirfd, directory, backing_file, backing_fmt) as below:
+            # qemu-img opens nothing of it (-u): the backing file itself is
+            # checked (a regular file of the volume, of that format), and the
+            # chain below it is checked whenever qemu-img is given the chain.
+            # Opening one layer keeps a snapshot's cost flat in the depth.
+            with images.open_chain(dirfd, directory, backing_file, backing_fmt, 1) as below:
                 size = below.top.virtual_size if size_bytes is None else size_bytes
             argv += ["-b", backing_file, "-F", backing_fmt, "-u"]
         elif size_bytes is None:
@@ -156,30 +161,82 @@ def qemu_img_info(path: str, fmt: str, backing_chain: bool = False) -> list[dict
 
 
 @entrypoint(file_pctxt)
-def qemu_img_commit(path: str, fmt: str = "qcow2") -> None:
-    """Merge the overlay at ``path`` into its backing file.
+def qemu_img_commit(path: str, fmt: str = "qcow2") -> int:
+    """Merge the overlay at ``path`` into its backing file; the layers qemu-img was given.
 
     ``-d``: the overlay is not emptied afterwards. It is deleted next anyway,
     and emptying it aborts on GlusterFS FUSE mounts ("First cluster in emptied
     image is in use"). Committing the same overlay twice (crash recovery)
     copies the same data again, which is harmless.
+
+    Only the overlay and its backing file are opened (and checked) when
+    :func:`commit_needs_only_two` says nothing below them can be read: then
+    qemu-img gets the backing file with ``"backing": null`` and the cost no
+    longer grows with the chain's depth. Otherwise the whole chain, as before.
     """
     if confine.image_format(fmt) != "qcow2":
         raise exception.PrivilegedArgumentRefused("only a qcow2 overlay can be committed")
     if runner.via_commands():
         legacy.qemu_img_commit(path)
-        return
-    with (
-        _directory(path, "image") as (dirfd, directory, name),
-        images.open_chain(dirfd, directory, name, "qcow2") as chain,
-    ):
-        if len(chain.layers) < 2:
-            raise exception.PrivilegedArgumentRefused(
-                f"{path!r} has no backing file to commit into"
-            )
-        _run(
-            ["qemu-img", "commit", "-q", "-d", chain.spec()], chain.fds(), f"qemu-img commit {path}"
-        )
+        return 0
+    with _directory(path, "image") as (dirfd, directory, name):
+        with images.open_chain(dirfd, directory, name, "qcow2", max_depth=2) as two:
+            if len(two.layers) < 2:
+                raise exception.PrivilegedArgumentRefused(
+                    f"{path!r} has no backing file to commit into"
+                )
+            if commit_needs_only_two(two.layers[0], two.layers[1]):
+                argv = ["qemu-img", "commit", "-q", "-d", two.spec()]
+                _run(argv, two.fds(), f"qemu-img commit {path}")
+                return len(two.layers)
+        with images.open_chain(dirfd, directory, name, "qcow2") as chain:
+            argv = ["qemu-img", "commit", "-q", "-d", chain.spec()]
+            _run(argv, chain.fds(), f"qemu-img commit {path}")
+            return len(chain.layers)
+
+
+#: The granularity of qemu-img commit's copy (an active commit is a mirror
+#: job): the target's cluster size, clamped to 4 KiB .. 64 KiB
+#: (``bdrv_get_default_bitmap_granularity``).
+_MIRROR_MIN, _MIRROR_MAX = 4096, 65536
+
+
+def commit_needs_only_two(top: images.Layer, below: images.Layer) -> bool:
+    """Whether committing ``top`` into ``below`` reads nothing beneath ``below``.
+
+    qemu-img commit copies ``top``'s allocated data into ``below`` in chunks
+    of the mirror granularity G (``below``'s cluster size, clamped to 4-64
+    KiB). It reads beneath ``below`` only to fill the rest of a ``below``
+    cluster it writes partly (copy-on-write from ``below``'s backing file),
+    to zero an area it grows ``below`` by (when that backing file is longer),
+    or when G is smaller than ``below``'s cluster (it then widens each copy
+    to whole clusters, reading them through the chain). So the chain may be
+    cut below ``below`` when:
+
+    * ``below`` is raw or has no backing file (there is nothing beneath), or
+    * ``below``'s cluster is at most 64 KiB (no widening), ``top``'s
+      allocation unit (cluster, or subcluster with extended L2) is a multiple
+      of G (each chunk it dirties is whole ``top`` data, never read through
+      into ``below``; and G covers whole ``below`` clusters), ``below`` is
+      no shorter than ``top`` (it is not grown), and ``top``'s size is a
+      multiple of G or equal to ``below``'s (no partial last chunk inside
+      ``below``).
+
+    Proven by tests that read back every byte for each case, allowed or not
+    (tests/functional/test_commit_cut.py).
+    """
+    if below.format == "raw" or below.backing is None:
+        return True
+    if top.allocation_unit is None or below.cluster_size is None:
+        return False
+    if below.cluster_size > _MIRROR_MAX:
+        return False
+    grain = max(_MIRROR_MIN, below.cluster_size)
+    if top.allocation_unit % grain:
+        return False
+    if below.virtual_size < top.virtual_size:
+        return False
+    return top.virtual_size % grain == 0 or top.virtual_size == below.virtual_size
 
 
 @entrypoint(file_pctxt)
@@ -205,8 +262,8 @@ def qemu_img_rebase(path: str, backing_file: str, backing_fmt: str, unsafe: bool
                 f"backing file {backing_file!r} of {name!r} must be a file of the same "
                 f"volume in the same directory"
             )
-        with images.open_chain(dirfd, directory, backing_file, backing_fmt):
-            pass  # it exists and its chain is sound
+        with images.open_chain(dirfd, directory, backing_file, backing_fmt, max_depth=1):
+            pass  # it exists, is one of the volume's files, of that format (see create)
         argv = ["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", backing_file]
         argv += ["-F", backing_fmt, f"/proc/self/fd/{top.top.fd}"]
         _run(argv, top.fds(), f"qemu-img rebase -u {path} onto {backing_file}")
@@ -259,8 +316,55 @@ def qemu_img_convert(
         _new_file(ddir, ddirectory, dname, mode) as fd,
     ):
         argv = ["qemu-img", "convert", "-q", *([] if sparse else ["-S", "0"])]
+        argv += copy_options(chain, fd, sparse)
         argv += ["-O", dst_fmt, chain.spec(), f"/proc/self/fd/{fd}"]
         _run(argv, (*chain.fds(), fd), f"qemu-img convert {src} {dst}")
+
+
+#: Filesystems whose copy_file_range shares or offloads the data: XFS and btrfs
+#: (reflinks), NFS (a server-side COPY from 4.2 on).
+_OFFLOADING = frozenset({0x58465342, 0x9123683E, 0x6969})
+#: From this much allocated source data on, O_DIRECT (``-t none -T none``)
+#: beats the page cache (measured: benchmarks/scale.py, "data"): below it the
+#: page cache's read-ahead and write-behind win; above it, writing through
+#: the cache and then fsyncing the result costs several times the copy.
+DIRECT_FROM_BYTES = 256 * 1024 * 1024
+
+
+def _fs_type(fd: int) -> int | None:
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
+    if confine._libc.fstatfs(fd, buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _direct_ok(fd: int) -> bool:
+    """Whether the file behind ``fd`` can be opened with O_DIRECT (tmpfs cannot)."""
+    try:
+        probe = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(probe)
+    return True
+
+
+def copy_options(chain: images.OpenChain, dst_fd: int, sparse: bool) -> list[str]:
+    """qemu-img convert's copy options for this chain into this new file.
+
+    Copy offload (``-C``: copy_file_range) where the destination filesystem
+    shares or offloads the data (a reflink on XFS and btrfs, a server-side
+    copy on NFS 4.2); not with ``-S 0`` (thick), which qemu-img refuses with
+    it. Otherwise O_DIRECT on both sides for large copies (see
+    :data:`DIRECT_FROM_BYTES`), where both files allow it. Either way the
+    daemon fsyncs the new file before it returns (``_new_file``).
+    """
+    if sparse and _fs_type(dst_fd) in _OFFLOADING:
+        return ["-C"]
+    data = sum(os.fstat(layer.fd).st_blocks * 512 for layer in chain.layers)
+    fds = (dst_fd, *chain.fds())
+    if data >= DIRECT_FROM_BYTES and all(_direct_ok(fd) for fd in fds):
+        return ["-t", "none", "-T", "none"]
+    return []
 
 
 @entrypoint(file_pctxt)
