@@ -13,10 +13,11 @@ raw volume whose guest wrote a qcow2 header is never probed as qcow2) and
 ``intent`` (a multi-step change in progress that destroys data: deleting a
 snapshot merges it away, reverting discards the active image).
 
-Every write is a compare-and-swap (``files.replace_file_if``): it succeeds only
+Every write is a compare-and-swap (``files.publish_info``): it succeeds only
 if the file still holds exactly what this writer read, so a service whose lock
 lapsed cannot overwrite newer state (StaleInfoGeneration). Writes are atomic
-(temp file, fsync, rename, fsync of the directory).
+(temp file, fsync, exclusive claim, rename, fsync of the directory). Every
+operation reads its own volume's names only (never a listing of the share).
 
 Crash consistency: a change of more than one step first records its intent,
 then runs steps that are each safe to repeat, and clears the intent in the
@@ -26,9 +27,9 @@ the same lock) finds the intent and finishes or rolls back. Step orders:
 create_snapshot S
     1. qemu-img create N (backing = active; its size given, so -u: the chain
        was just checked)   2. write {active: N, S: N}.
-    No intent: until step 2, N is a file nothing refers to. Recovery: the next
-    snapshot create, delete or revert on the volume removes such orphans (so
-    does its deletion).
+    No intent: until step 2, N is a file nothing refers to. Recovery: the
+    periodic share sweep (``sweep_orphans``, from one directory read) removes
+    such orphans under the volume's lock, publishing a generation first.
 delete_snapshot S, F = info[S], B = backing(F), H = the overlay on F (if any)
     1. intent {delete_snapshot, F, B, H}   2. qemu-img commit F (into B)
     3. if H: qemu-img rebase -u H onto B   4. unlink F
@@ -46,9 +47,11 @@ delete_volume
     3. unlink the marker.   Recovery: finish (any operation that finds the
        marker instead of an .info file does).
 create_volume / clone / create from snapshot
-    Written to a hidden temp file ``.volume-<id>.tmp``, renamed into place,
-    then the .info file is created. A crash leaves only the temp file, which
-    the next create or delete of that id removes.
+    Written to a hidden temp file ``.volume-<id>.tmp`` (exclusively: a
+    leftover is replaced), renamed into place without replacing a base,
+    then the first .info file is published. A crash leaves only the temp
+    file, which the next create or delete of that id, or the share sweep,
+    removes. No step lists the share.
 copy image to volume (no snapshots)
     Converted into ``.volume-<id>.tmp``, renamed over the base, .info
     rewritten (new generation). A crash leaves the old base and the temp file.
