@@ -380,7 +380,7 @@ def _busy() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
-def _worker(config: str, start_at: float, seconds: float, queue: Any) -> None:
+def _worker(config: str, go: Any, seconds: float, queue: Any) -> None:
     from remotefs_aa import service
     from remotefs_aa.objects import Snapshot, Volume
     from remotefs_aa.privsep import files
@@ -390,6 +390,8 @@ def _worker(config: str, start_at: float, seconds: float, queue: Any) -> None:
         vol = Volume(size=1)
         vol.provider_location = driver.create_volume(vol)["provider_location"]
         daemon = files.daemon_info()["pid"]
+        queue.put("ready")
+        start_at = go.get(timeout=600)  # once every worker is ready, however loaded the host
         time.sleep(max(0.0, start_at - time.time()))
         cpu0 = time.process_time() + _cpu_of(daemon)
         ops, end = 0, start_at + seconds
@@ -415,14 +417,17 @@ def run_parallel(workdir: str, args: argparse.Namespace, log: Callable[[str], No
     order = [p for p in (1, 2, 4) for _ in range(args.parallel_repeats)]
     random.Random(args.seed).shuffle(order)
     for procs in order:
-        queue = ctx.Queue()
-        start_at = time.time() + 6.0  # every worker's daemon is up by then
+        queue, go = ctx.Queue(), ctx.Queue()
         workers = [
-            ctx.Process(target=_worker, args=(config, start_at, seconds, queue))
-            for _ in range(procs)
+            ctx.Process(target=_worker, args=(config, go, seconds, queue)) for _ in range(procs)
         ]
         for w in workers:
             w.start()
+        for _ in workers:
+            assert queue.get(timeout=600) == "ready"
+        start_at = time.time() + 0.5
+        for _ in workers:
+            go.put(start_at)
         time.sleep(max(0.0, start_at - time.time()))
         busy0, total0 = _busy()
         time.sleep(seconds)
