@@ -152,6 +152,11 @@ class OpenChain:
 
 def open_image(dirfd: int, directory: str, name: str) -> int:
     """Open ``name`` in the directory ``dirfd`` without following a link; regular files only."""
+    return _open_image(dirfd, directory, name)[0]
+
+
+def _open_image(dirfd: int, directory: str, name: str) -> tuple[int, os.stat_result]:
+    """:func:`open_image` and the file's stat (one fstat per layer in a chain walk)."""
     try:
         fd = os.open(name, _IMAGE_FLAGS, dir_fd=dirfd)
     except OSError as exc:
@@ -166,7 +171,7 @@ def open_image(dirfd: int, directory: str, name: str) -> int:
         raise exception.InvalidImage(
             os.path.join(directory, name), f"not a regular file ({stat.filemode(st.st_mode)})"
         )
-    return fd
+    return fd, st
 
 
 def open_chain(
@@ -199,7 +204,7 @@ def open_chain(
                 raise exception.InvalidImage(path, f"the chain is deeper than {MAX_CHAIN_DEPTH}")
             seen.add(current)
             try:
-                fd = open_image(dirfd, directory, current)
+                fd, st = _open_image(dirfd, directory, current)
             except FileNotFoundError:
                 if not layers:
                     raise
@@ -209,11 +214,11 @@ def open_chain(
                 ) from None
             if current in raw:
                 current_fmt = "raw"
-            layer = Layer(current, fd, current_fmt, os.fstat(fd).st_size, None, None)
+            layer = Layer(current, fd, current_fmt, st.st_size, None, None)
             layers.append(layer)
             if current_fmt == "raw":
                 break  # raw is raw: whatever a guest wrote there is never parsed
-            header = qcow2.read_header_fd(fd, path)
+            header = qcow2.read_header_fd(fd, path, st)
             if header.format != "qcow2":
                 raise exception.InvalidImage(path, "it is not a qcow2 image (no qcow2 magic)")
             if header.encrypted:

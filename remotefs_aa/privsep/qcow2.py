@@ -365,15 +365,15 @@ def read_header(path: str, follow_symlinks: bool = True) -> ImageHeader:
         os.close(fd)
 
 
-def read_header_fd(fd: int, path: str = "<image>") -> ImageHeader:
+def read_header_fd(fd: int, path: str = "<image>", st: os.stat_result | None = None) -> ImageHeader:
     """Parse the header of the open file ``fd`` (``path`` only names it in errors).
 
     One ``fstat`` and (almost always) one ``pread`` of at most
     :data:`READ_LIMIT` bytes from offset 0; the descriptor's offset is not
     moved, so the caller may hand it on. It must be a regular file: a device
-    must not feed us.
+    must not feed us. ``st``: the descriptor's fstat, if the caller just made it.
     """
-    st = os.fstat(fd)
+    st = st if st is not None else os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise _refuse(path, f"not a regular file (mode {stat.filemode(st.st_mode)})")
     want = min(READ_LIMIT, st.st_size)

@@ -25,6 +25,8 @@ import ctypes
 import json
 import os
 import re
+import struct
+import threading
 from collections.abc import Iterator
 
 from remotefs_aa import exception
@@ -125,8 +127,76 @@ def qemu_img_create(
         else:
             size = size_bytes
         size = confine.positive_int(size, "size")
+        data = None
+        if backing_file is not None:
+            data = overlay_image(size, backing_file, backing_fmt)  # type: ignore[arg-type]
         with _new_file(dirfd, directory, name, mode) as fd:
-            _run([*argv, f"/proc/self/fd/{fd}", str(size)], (fd,), f"qemu-img create {path}")
+            if data is not None:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            else:
+                _run([*argv, f"/proc/self/fd/{fd}", str(size)], (fd,), f"qemu-img create {path}")
+
+
+#: A backing name qemu-img writes into the overlay templates, replaced per overlay.
+_PLACEHOLDER = b"volume-" + b"0" * 36
+_templates: dict[tuple[int, str], tuple[bytes, int]] = {}
+_templates_lock = threading.Lock()
+
+
+def overlay_image(size: int, backing_file: str, backing_fmt: str) -> bytes:
+    """The bytes ``qemu-img create -f qcow2 -u -b <backing_file> -F <fmt>`` writes, without it.
+
+    A snapshot's overlay is the one image created on every snapshot create
+    and revert, and qemu-img's start-up is most of that operation's CPU
+    (about 6 ms a process here). An empty overlay differs from another of
+    the same size and backing format only in the backing file's name (its
+    length in the header, its bytes after the header extensions), so the
+    daemon has qemu-img create one template per size and backing format
+    (into a memfd, once per daemon), and patches the name in. The result is
+    byte for byte what qemu-img would have written (tested against it), and
+    is parsed back by the header reader before it is used.
+    """
+    from remotefs_aa.privsep import qcow2
+
+    name = backing_file.encode()
+    key = (size, backing_fmt)
+    with _templates_lock:
+        found = _templates.get(key)
+    if found is None:
+        memfd = os.memfd_create("remotefs_aa-overlay", os.MFD_CLOEXEC)
+        try:
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", _PLACEHOLDER.decode()]
+            argv += ["-F", backing_fmt, f"/proc/self/fd/{memfd}", str(size)]
+            _run(argv, (memfd,), "qemu-img create (overlay template)")
+            template = b""
+            while chunk := os.pread(memfd, 1 << 20, len(template)):
+                template += chunk
+        finally:
+            os.close(memfd)
+        (offset,) = struct.unpack_from(">Q", template, 8)
+        header = qcow2.parse_header(template, len(template), "overlay template")
+        if header.backing_file != _PLACEHOLDER.decode() or header.virtual_size != size:
+            raise exception.PrivilegedCommandFailed("qemu-img create (template)", 0, "unexpected")
+        found = (template, offset)
+        with _templates_lock:
+            if len(_templates) >= 64:
+                _templates.clear()  # distinct volume sizes are few; never grow without bound
+            _templates[key] = found
+    template, offset = found
+    data = bytearray(template)
+    data[offset : offset + len(_PLACEHOLDER)] = bytes(len(_PLACEHOLDER))
+    data[offset : offset + len(name)] = name
+    struct.pack_into(">I", data, 16, len(name))
+    check = qcow2.parse_header(bytes(data[: qcow2.READ_LIMIT]), len(data), "new overlay")
+    if (check.backing_file, check.backing_format, check.virtual_size) != (
+        backing_file,
+        backing_fmt,
+        size,
+    ):
+        raise exception.PrivilegedArgumentRefused(f"backing file {backing_file!r} does not fit")
+    return bytes(data)
 
 
 @entrypoint(file_pctxt)
