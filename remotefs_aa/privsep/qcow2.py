@@ -31,6 +31,7 @@ Layout: docs/interop/qcow2.txt in QEMU; all numbers are big-endian.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -46,6 +47,8 @@ MAGIC = b"QFI\xfb"
 #: in the first few hundred bytes; 64 KiB is the default cluster size, so one
 #: read covers any image qemu-img creates with default options.
 READ_LIMIT = 64 * 1024
+#: What a chain walk reads first (see :func:`read_header_fd`).
+FIRST_READ = 4096
 
 #: qemu's limits (block/qcow2.h): clusters of 512 B to 2 MiB ...
 MIN_CLUSTER_BITS = 9
@@ -368,21 +371,33 @@ def read_header(path: str, follow_symlinks: bool = True) -> ImageHeader:
 def read_header_fd(fd: int, path: str = "<image>", st: os.stat_result | None = None) -> ImageHeader:
     """Parse the header of the open file ``fd`` (``path`` only names it in errors).
 
-    One ``fstat`` and (almost always) one ``pread`` of at most
-    :data:`READ_LIMIT` bytes from offset 0; the descriptor's offset is not
+    One ``fstat`` and (almost always) one ``pread`` of :data:`FIRST_READ`
+    bytes from offset 0 (at most :data:`READ_LIMIT` when the header needs
+    more); the descriptor's offset is not
     moved, so the caller may hand it on. It must be a regular file: a device
     must not feed us. ``st``: the descriptor's fstat, if the caller just made it.
     """
     st = st if st is not None else os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise _refuse(path, f"not a regular file (mode {stat.filemode(st.st_mode)})")
-    want = min(READ_LIMIT, st.st_size)
-    data = os.pread(fd, READ_LIMIT, 0)
+    # Every header qemu-img writes fits in its first few hundred bytes: try
+    # 4 KiB first (a chain walk reads one header per layer). What needs more
+    # fails to parse from 4 KiB (the parser refuses rather than guesses when a
+    # field lies outside the bytes read) and is read again in full.
+    if st.st_size > FIRST_READ:
+        with contextlib.suppress(exception.InvalidImage):
+            return parse_header(_pread_full(fd, FIRST_READ), st.st_size, path)
+    return parse_header(_pread_full(fd, min(READ_LIMIT, st.st_size)), st.st_size, path)
+
+
+def _pread_full(fd: int, want: int) -> bytes:
+    """``want`` bytes from offset 0 (fewer only at the end of the file)."""
+    data = os.pread(fd, READ_LIMIT, 0) if want >= READ_LIMIT else os.pread(fd, want, 0)
     # A regular file returns short reads only at EOF, or rarely (signals,
     # some network file systems); finish the read then.
     while len(data) < want:
-        more = os.pread(fd, READ_LIMIT - len(data), len(data))
+        more = os.pread(fd, want - len(data), len(data))
         if not more:
             break
         data += more
-    return parse_header(data, st.st_size, path)
+    return data
