@@ -397,3 +397,74 @@ def test_killed_service_leaves_no_daemon_and_no_qemu_img(tmp_path):
     finally:
         service.kill()
         service.wait(10)
+
+
+def _long_copy(base: str) -> tuple[str, str]:
+    vol = os.path.join(base, "volume-fenced")
+    if not os.path.exists(vol):
+        qemu.qemu_img_create(vol, "raw", 8 << 30)
+    copy = vol + ".s1"
+    if os.path.exists(copy):
+        os.unlink(copy)
+    return vol, copy
+
+
+def test_a_fenced_step_is_refused_after_its_deadline(daemon_base):
+    from remotefs_aa.privsep import fence
+
+    late = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() - 0.01)
+    with fence.active(late), pytest.raises(exception.LeaseExpired, match="ran out"):
+        files.ping()
+    # The daemon refuses it too when the caller's own check is skipped.
+    with pytest.raises(exception.LeaseExpired, match="before the step could start"):
+        files.ping(_fence=("t0", fence.now() - 0.01))
+
+
+def test_the_daemon_ends_a_running_child_when_the_lease_runs_out(daemon_base):
+    from remotefs_aa.privsep import fence
+
+    vol, copy = _long_copy(daemon_base)
+    pid = files.daemon_info()["pid"]
+    started = time.monotonic()
+    with fence.active(fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 1.0)):
+        with pytest.raises(exception.LeaseExpired, match="ran out while it ran"):
+            qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    assert time.monotonic() - started < 5  # the copy alone takes far longer
+    assert not _qemu_children(pid)
+    assert not os.path.exists(copy)  # and what it made is gone
+
+
+def test_confirmed_renewals_let_a_long_step_finish_and_a_lost_lock_ends_it(daemon_base):
+    import threading
+
+    from remotefs_aa.privsep import fence
+
+    vol = os.path.join(daemon_base, "volume-renewed")
+    qemu.qemu_img_create(vol, "raw", 1 << 30)  # about 1-3 s of copying here
+    copy = vol + ".s1"
+    renewed = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 0.5)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(0.2):
+            renewed.moved(fence.now() + 0.5)
+
+    beater = threading.Thread(target=heartbeat, daemon=True)
+    beater.start()
+    try:
+        with fence.active(renewed):
+            qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)  # outlives 0.5 s
+    finally:
+        stop.set()
+        beater.join()
+    assert os.path.getsize(copy) == 1 << 30
+    os.unlink(copy)
+
+    lost = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 60)
+    threading.Timer(0.3, lost.lose, ["the backend said so"]).start()
+    started = time.monotonic()
+    with fence.active(lost), pytest.raises(exception.LeaseExpired):
+        qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    assert time.monotonic() - started < 3
+    with fence.active(lost), pytest.raises(exception.LeaseExpired, match="the backend said so"):
+        files.ping()  # and nothing more starts
