@@ -1,4 +1,4 @@
-"""Several processes hammer the same volumes through the driver's front door; the history checks them.
+"""Several processes hammer the same volumes through the driver's front door; a history checks it.
 
 Four worker processes (``remotefs-aa demo-worker``, the main job's worker), each
 with its own driver, privsep daemon and lock provider connection, run random
