@@ -557,6 +557,14 @@ class Model:
             snap = intent.get("snapshot")
             if lin.final_gen is not None and g + 1 > lin.final_gen:
                 continue  # the recovery did not get as far as its write; verify shows the intent
+            owner = lin.entries.get(g)
+            if owner is not None and owner.effect == "intent":
+                # The intent of a call that succeeded: it was still running.
+                p.append(
+                    f"volume {lin.id}: {group[0][0].describe()} finished the intent of generation "
+                    f"{g} while {owner.what} was still running it (no lock kept them apart)"
+                )
+                continue
             what = (
                 f"recovery of an interrupted {intent['op']} of {snap} by {group[0][0].describe()}"
             )
