@@ -59,8 +59,10 @@ def write(region, start, end, ok=True, volume=V):
     return call("write", start, end, ok, volume=volume, region=region, pattern=pattern_of(region))
 
 
-def snap(sid, gen, start, end, volume=V):
-    return call("create_snapshot", start, end, volume=volume, snapshot=sid, generation=gen, size=1)
+def snap(sid, gen, start, end, volume=V, **fields):
+    return call(
+        "create_snapshot", start, end, volume=volume, snapshot=sid, generation=gen, size=1, **fields
+    )
 
 
 def delete(sid, gen, start, end, volume=V, **fields):
