@@ -64,9 +64,11 @@ What is compared
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
+import itertools
 import os
 import time
 from collections.abc import Iterable
@@ -188,6 +190,7 @@ class Lineage:
         self.deletions: list[Op] = []
         self.final_gen: int | None = None
         self.last = 0
+        self._index: tuple[list, list, list, list] | None = None
         # Filled by replay():
         self.active: Content = {}
         self.snaps: dict[str, Content] = {}
@@ -230,9 +233,27 @@ class Lineage:
         self.entries[gen] = entry
 
     def window(self, start: float, end: float) -> tuple[int, int]:
-        """Positions (generations) an interval may fall at: after lo, before hi + 1."""
-        lo = max((e.gen for e in self.entries.values() if e.end < start), default=0)
-        hi = min((e.gen for e in self.entries.values() if e.start > end), default=self.last + 1)
+        """Positions (generations) an interval may fall at: after lo, before hi + 1.
+
+        lo: the highest generation whose call ended before ``start``; hi: one
+        below the lowest whose call started after ``end`` (by bisection over
+        the entries sorted once, as histories run to thousands of calls).
+        """
+        if self._index is None:
+            by_end = sorted(self.entries.values(), key=lambda e: e.end)
+            by_start = sorted(self.entries.values(), key=lambda e: e.start)
+            suffix_min = list(itertools.accumulate(reversed([e.gen for e in by_start]), min))
+            self._index = (
+                [e.end for e in by_end],
+                list(itertools.accumulate((e.gen for e in by_end), max)),
+                [e.start for e in by_start],
+                suffix_min[::-1],
+            )
+        ends, max_gen, starts, min_gen = self._index
+        i = bisect.bisect_left(ends, start)  # entries [0, i) ended before start
+        lo = max_gen[i - 1] if i else 0
+        j = bisect.bisect_right(starts, end)  # entries [j, n) started after end
+        hi = min_gen[j] if j < len(starts) else self.last + 1
         return max(lo, 1), max(min(hi - 1, self.last), max(lo, 1))
 
     def place(self, problems: list[str]) -> None:
@@ -318,6 +339,7 @@ class Lineage:
                 g + u.width - 1, u.effect, u.snapshot, u.op.body_start, u.op.body_end, what
             )
         self.last = last
+        self._index = None
 
     def check_time_order(self, problems: list[str]) -> None:
         """An operation that ended before another started must have the lower generation."""
@@ -614,19 +636,16 @@ class Model:
         """Every refusal and every failed guest write needs a cause in the history."""
         # A broken chain fails every later call the same way: list a few of each.
         unexplained: dict[tuple[str, str], list[str]] = {}
+        writes = {v: _Overlaps(o for o in ops if o.kind == "write") for v, ops in by_volume.items()}
+        calls = {v: _Overlaps(o for o in ops if o.kind != "write") for v, ops in by_volume.items()}
         for op in self.ops:
             if op.ok or not op.get("volume"):
                 continue
             lin = self.lineages.get(op.volume)
             if lin is None:
                 continue  # a volume whose creation failed: nothing could succeed on it
-            others = [
-                o
-                for o in by_volume.get(op.volume, [])
-                if o is not op and o.body_start <= op.body_end and o.body_end >= op.body_start
-            ]
             if op.kind == "write":
-                if others or lin.deleted_before(op.end):
+                if calls[op.volume].any(op.start, op.end) or lin.deleted_before(op.end):
                     continue
                 err = op.get("error") or {}
                 unexplained.setdefault((op.volume, "write"), []).append(
@@ -637,7 +656,8 @@ class Model:
             reason = op.get("refusal")
             if reason is None:
                 continue  # an error, listed by _gather
-            if self._justified(op, reason, lin, others):
+            guest = writes[op.volume].any(op.body_start, op.body_end)
+            if self._justified(op, reason, lin, guest):
                 continue
             unexplained.setdefault((op.volume, reason), []).append(
                 f"{op.describe()} was refused ({reason}) with no cause in the history: "
@@ -650,7 +670,7 @@ class Model:
                     f"... and {len(lines) - 3} more calls on volume {volume} failed so ({what})"
                 )
 
-    def _justified(self, op: Op, reason: str, lin: Lineage, others: list[Op]) -> bool:
+    def _justified(self, op: Op, reason: str, lin: Lineage, guest: bool) -> bool:
         if lin.deleted_before(op.end):
             return True  # whatever it said, the volume was going away
         if reason == "snapshot-gone":
@@ -664,12 +684,25 @@ class Model:
             grown = [int(e.new_size) for e in lin.extends if e.body_start < op.body_end]
             return max(grown, default=0) > int(op.get("size") or 0)
         if reason == "image-in-use":
-            return any(o.kind == "write" for o in others)
+            return guest  # the volume's guest was writing while the call ran
         return False  # volume-gone, yet it was not deleted
 
 
 def _start(op: Op) -> float:
     return op.rec["start"]
+
+
+class _Overlaps:
+    """Does any of these calls' bodies overlap an interval? (sorted once, then bisected)."""
+
+    def __init__(self, ops: Iterable[Op]) -> None:
+        spans = sorted((o.body_start, o.body_end) for o in ops)
+        self.starts = [a for a, _ in spans]
+        self.max_end = list(itertools.accumulate((b for _, b in spans), max))
+
+    def any(self, start: float, end: float) -> bool:
+        i = bisect.bisect_right(self.starts, end)  # those that started by ``end``
+        return i > 0 and self.max_end[i - 1] >= start
 
 
 # -- comparing with the shares ---------------------------------------------------
