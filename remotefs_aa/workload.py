@@ -40,7 +40,7 @@ Guest writes, without locks, and still a deterministic model
     make the outcome predictable:
 
     * every write goes to a *fresh* region: region numbers are unique across
-      the whole run (worker ``w`` of ``n`` uses ``64 + w + n*k``), so a region
+      the whole run (worker ``w`` of ``n`` uses ``1024 + w + n*k``), so a region
       is written once in the lineage of every volume and its pattern (a
       function of the region) can only be where that one write put it;
     * the write's start and end are in the history; a write that ended before
@@ -86,9 +86,14 @@ LOG = logging.getLogger(__name__)
 #: One guest write: one qcow2 cluster, so a write allocates exactly one.
 REGION = 64 * 1024
 #: Regions below this are written by ``prepare`` (the shared volumes, the image).
-RESERVED_REGIONS = 64
+RESERVED_REGIONS = 1024
 #: Regions of the smallest volume (1 GiB): writes stay below, so every view has them.
+#: Each worker of ``n`` gets (MAX_REGIONS - RESERVED_REGIONS) / n writes; then its
+#: guest stops writing (the operations go on).
 MAX_REGIONS = GiB // REGION
+IMAGE_REGIONS = 3
+#: Shared volumes ``prepare`` can make: one reserved region each, besides the image's.
+MAX_SHARED = RESERVED_REGIONS - IMAGE_REGIONS
 IMAGE_ID = "workload-image"
 IMAGE_SIZE = 64 * 1024 * 1024
 
@@ -199,6 +204,8 @@ def prepare(driver: Any, workspace: Workspace, count: int, size: int = 1) -> lis
     Also writes the raw image ``copy_image_to_volume`` copies in (three regions
     of its own), and records all of it in this process's history.
     """
+    if not 1 <= count <= MAX_SHARED:
+        raise ValueError(f"prepare makes 1 to {MAX_SHARED} shared volumes, not {count}")
     workspace.make()
     rec = workspace.recorder(None, worker=-1)
     ids = []
@@ -232,7 +239,7 @@ def prepare(driver: Any, workspace: Workspace, count: int, size: int = 1) -> lis
             if not wrote.ok:
                 raise wrote.error  # type: ignore[misc]
             ids.append(vol.id)
-        regions = [count + j for j in range(3)]
+        regions = [count + j for j in range(IMAGE_REGIONS)]
         path = os.path.join(workspace.images, IMAGE_ID)
         with open(path, "wb") as f:
             f.truncate(IMAGE_SIZE)
