@@ -26,15 +26,20 @@ The model
     write that overlapped chain changes: all the pattern or all zeros) or
     ``partial`` (a write that failed: any mix). A region not in a map must read
     zeros. Positions are generations: a write, a clone's read or an extend that
-    ended before generation g's operation started comes after it, one that
-    started after it ended comes before it, otherwise it could be on either
-    side. Replaying generation by generation:
+    started after generation g's operation ended comes after it, one that
+    ended before it started comes before it, otherwise it could be on either
+    side. An operation's interval is the time its driver call held its locks
+    (history ``held_from``/``held_until``) when the guard logged them, else
+    the whole call. Replaying generation by generation:
 
     * a write known to fall between g and g+1 (and successful) is ``present``
-      in the active image from g on; a write that could fall anywhere in g..h
-      is ``either`` in the active image at g and again after every change up
-      to h (a revert in between may have discarded it, or not), and so in the
-      snapshots made in between and in whatever copies them later;
+      in the active image from g on. A write that could fall anywhere in g..h
+      is ``either`` in the active image while g..h are replayed, so in the
+      snapshots made by g+1..h and in any copy read then; after h it is
+      ``present`` again, unless a delete or revert in g+1..h could have lost
+      it (the commit copied the file before the write landed in it; the revert
+      discarded the image it landed in): then it stays ``either``, and so in
+      whatever later copies the active image (a snapshot, a revert, a clone);
     * a snapshot create copies the active map; a delete drops the snapshot
       (other views keep their data: the commit merges it); a revert copies
       the snapshot's map to the active image; an image copy replaces it;
@@ -315,11 +320,19 @@ class Lineage:
             found = None
         if found is None:
             free = [g for g in range(1, last + 1) if g not in known]
-            if self.unknown or (exact and free):
+            unplaced = [u.op.describe() for u in self.unknown]
+            if free and unplaced:
                 problems.append(
                     f"volume {self.id}: generations {free} cannot be explained by the "
-                    f"operations without a logged generation "
-                    f"{[u.op.describe() for u in self.unknown]} (in time and revert order)"
+                    f"operations without a logged generation {unplaced} (in time and "
+                    f"revert order)"
+                )
+            elif free and exact:
+                problems.append(f"volume {self.id}: generations {free} were written by no call")
+            elif unplaced:
+                problems.append(
+                    f"volume {self.id}: {unplaced} succeeded, but no generation is left for "
+                    f"them (others wrote the chain at the same time?)"
                 )
             found = {}
             g = 1
