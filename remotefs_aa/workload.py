@@ -46,15 +46,18 @@ Guest writes, without locks, and still a deterministic model
     * the write's start and end are in the history; a write that ended before
       a chain change started (snapshot create, delete, revert, a recovery) is
       in the image that change saw, one that started after it ended is not;
-    * a write whose interval overlaps chain changes of its volume may have
-      landed in the image active before or after each of them (the name was
-      resolved before, the data written after), or be lost with a file a
-      delete or revert discarded. For exactly that region the checker then
-      accepts both outcomes (all the pattern, or all zeros) in the views those
-      changes made: the snapshots they created, the active image after them,
-      and whatever copies those later (a later snapshot, a revert to one, a
-      clone). Everything else stays exact: a snapshot taken before the write
-      started must read zeros there, one taken after it ended its pattern.
+    * a write whose interval overlaps chain changes of its volume (their
+      lock-held intervals) may have landed in the image active before or after
+      each of them (the name was resolved before, the data written after). For
+      exactly that region the checker then accepts both outcomes (all the
+      pattern, or all zeros) in the snapshots those changes created and in a
+      clone read meanwhile. A snapshot create never loses a write, so the
+      active image must hold it afterwards; only if a delete or revert
+      overlapped it (the commit may have copied the file before the write
+      landed, the revert discards the image) is the active image, and whatever
+      copies it later, accepted either way too. Everything else stays exact: a
+      snapshot taken before the write started must read zeros there, one taken
+      after it ended its pattern.
 
     A write that fails (qemu's image lock: a driver step such as ``qemu-img
     commit`` or ``convert`` held the image) is ambiguous in the same way; so is
