@@ -2,23 +2,22 @@
 
 Input: the history files of every process (remotefs_aa.history) and the shares.
 Output: a report whose ``problems`` list every way the volumes differ from what
-the successful operations, replayed in generation order, say they must be.
+the history, replayed in generation order, says they must be.
 
 The order
     Every chain change publishes the next ``.info`` generation of its volume,
     so the generations are the order in which the driver's locks let the
     operations through. Each volume's generations 1..N (N read from the share)
-    must be explained exactly once: creation is 1; a snapshot create claims the
-    generation it logged; a delete the one it logged and the one before (its
-    intent); a recovery (an operation that finished an interrupted one on the
-    way) the generation after the intent it logged, and the failed operation
-    that wrote that intent claims the intent's. Reverts and image copies do
-    not log a generation yet: they fill the gaps left (a revert two in a row),
-    placed by a small search that respects real time (an operation that ended
-    before another started has the lower generation) and the revert rule (only
-    to the latest snapshot). A generation claimed twice, a gap nobody fills,
-    and two operations whose generations contradict their times are problems:
-    with working locks none of them can happen.
+    must be explained exactly once, and the chain says by whom: it logs every
+    generation it publishes with what it is (history ``published``: creation,
+    snapshot, delete, revert, image, or an intent or claim that changes no
+    view), in the call that published it, failed calls and the recoveries an
+    operation ran on the way included. A generation published twice, one no
+    recorded call published, a successful call that published no generation
+    of its kind, a recovery that finished the intent of a call that then
+    succeeded, and two operations whose generations contradict real time (one
+    ended before the other started yet has the higher generation) are
+    problems: with working locks none of them can happen.
 
 The model
     Per volume: the content of the active image and of each snapshot as a map
@@ -85,12 +84,10 @@ from remotefs_aa.objects import Volume
 
 PRESENT, EITHER, PARTIAL = "present", "either", "partial"
 #: Chain changes that can lose a write made while they run.
-LOSSY = ("delete", "revert", "image")
+LOSSY = ("delete", "revert", "image", "image?")
 Status = tuple[str, int]
 Content = dict[int, Status]
 
-#: Give up placing reverts after this many search steps (then report it).
-SEARCH_LIMIT = 50_000
 #: Problems listed per view before they are summed up.
 PER_VIEW = 6
 CREATES = ("create_volume", "create_cloned_volume", "create_volume_from_snapshot")
@@ -142,23 +139,12 @@ class Entry:
     """One generation of one volume's .info file and the operation that wrote it."""
 
     gen: int
-    effect: str  # create | snapshot | delete | revert | image | intent
+    effect: str  # create | snapshot | delete | revert | image | image? | intent
     snapshot: str | None
     start: float
     end: float
     what: str
-
-
-@dataclasses.dataclass
-class Unknown:
-    """A successful operation whose generation(s) the driver did not log."""
-
-    op: Op
-    width: int
-    effect: str
-    snapshot: str | None
-    lo: int = 0  # generations it must come after (ended before it started)
-    hi: int = 0  # ... and before (started after it ended)
+    ok: bool = True  # did the call that wrote it succeed?
 
 
 def _combine(views: list[Content]) -> Content:
@@ -189,7 +175,6 @@ class Lineage:
         self.size: int = int(created.get("size") or 1)
         self.initial: Content = {}
         self.entries: dict[int, Entry] = {}
-        self.unknown: list[Unknown] = []
         self.writes: list[Op] = []
         self.extends: list[Op] = []
         self.deletions: list[Op] = []
@@ -261,96 +246,23 @@ class Lineage:
         hi = min_gen[j] if j < len(starts) else self.last + 1
         return max(lo, 1), max(min(hi - 1, self.last), max(lo, 1))
 
-    def place(self, problems: list[str]) -> None:
-        """Put the operations without a logged generation into the free generations."""
-        exact = self.final_gen is not None
+    def settle(self, problems: list[str]) -> None:
+        """Every generation 1..N must have been published by exactly one recorded call.
+
+        N is the share's (``final_gen``); a deleted volume has none left, and
+        its last recorded generation stands in.
+        """
         known = self.entries
-        width = sum(u.width for u in self.unknown)
-        last = self.final_gen if exact else max(known, default=0) + width
+        last = self.final_gen if self.final_gen is not None else max(known, default=0)
         for g in [g for g in known if g > last]:
             problems.append(
                 f"volume {self.id}: {known[g].what} claims generation {g}, but the .info "
                 f"file is at generation {last}"
             )
             del known[g]
-        for u in self.unknown:
-            u.lo = max((e.gen for e in known.values() if e.end < u.op.body_start), default=0)
-            u.hi = min((e.gen for e in known.values() if e.start > u.op.body_end), default=last + 1)
-        order = sorted(range(len(self.unknown)), key=lambda i: self.unknown[i].op.body_start)
-        steps = [0]
-
-        def search(g: int, snaps: tuple[str, ...], left: tuple[int, ...], placed: tuple):
-            steps[0] += 1
-            if steps[0] > SEARCH_LIMIT:
-                raise TimeoutError
-            while g <= last and g in known:
-                snaps = _snapset(known[g], snaps)
-                g += 1
-            if g > last:
-                return {} if not left else None
-            for i in left:
-                u = self.unknown[i]
-                top = g + u.width - 1
-                if top > last or any(x in known for x in range(g, top + 1)):
-                    continue
-                if not (u.lo < g and top < u.hi):
-                    continue
-                if any(u.op.body_end < s for s, _e, pg in placed if pg < g):
-                    continue  # it ended before an operation placed earlier started
-                if u.effect == "revert" and (not snaps or snaps[-1] != u.snapshot):
-                    continue
-                rest = search(
-                    top + 1,
-                    _snapset(Entry(g, u.effect, u.snapshot, 0, 0, ""), snaps),
-                    tuple(j for j in left if j != i),
-                    (*placed, (u.op.body_start, u.op.body_end, g)),
-                )
-                if rest is not None:
-                    rest[i] = g
-                    return rest
-            if not exact:
-                # A deleted volume: a failed operation's intent nobody finished
-                # leaves a generation no record claims.
-                return search(g + 1, snaps, left, placed)
-            return None
-
-        try:
-            found = search(1, (), tuple(order), ())
-        except TimeoutError:
-            found = None
-        if found is None:
-            free = [g for g in range(1, last + 1) if g not in known]
-            unplaced = [u.op.describe() for u in self.unknown]
-            if free and unplaced:
-                problems.append(
-                    f"volume {self.id}: generations {free} cannot be explained by the "
-                    f"operations without a logged generation {unplaced} (in time and "
-                    f"revert order)"
-                )
-            elif free and exact:
-                problems.append(f"volume {self.id}: generations {free} were written by no call")
-            elif unplaced:
-                problems.append(
-                    f"volume {self.id}: {unplaced} succeeded, but no generation is left for "
-                    f"them (others wrote the chain at the same time?)"
-                )
-            found = {}
-            g = 1
-            for i in order:  # replay anyway, in time order, where they fit
-                u = self.unknown[i]
-                while g <= last and (g in known or g + u.width - 1 in known):
-                    g += 1
-                if g + u.width - 1 <= last:
-                    found[i] = g
-                    g += u.width
-        for i, g in found.items():
-            u = self.unknown[i]
-            what = u.op.describe()
-            if u.width == 2:
-                known[g] = Entry(g, "intent", u.snapshot, u.op.body_start, u.op.body_end, what)
-            known[g + u.width - 1] = Entry(
-                g + u.width - 1, u.effect, u.snapshot, u.op.body_start, u.op.body_end, what
-            )
+        free = [g for g in range(1, last + 1) if g not in known]
+        if free:
+            problems.append(f"volume {self.id}: generations {free} were written by no call")
         self.last = last
         self._index = None
 
@@ -395,7 +307,7 @@ class Lineage:
         for p in range(1, self.last + 1):
             e = self.entries.get(p)
             if e is None:
-                pass  # an unexplained generation, reported by place()
+                pass  # an unexplained generation, reported by settle()
             elif e.effect == "create":
                 active = dict(self.initial)
             elif e.effect == "snapshot":
@@ -421,6 +333,10 @@ class Lineage:
                     active = dict(snaps[e.snapshot])  # type: ignore[index]
             elif e.effect == "image":
                 active = dict(image)
+            elif e.effect == "image?":
+                # A copy that failed after its claim: the image replaced the
+                # base, or it did not.
+                active = _combine([active, dict(image)])
             for w in spanning.get(p, []):
                 # Within its span a write is on either side of each change (so
                 # are the snapshots those make); once the span is over it is in.
@@ -455,17 +371,6 @@ class Lineage:
     def positions(self, op: Op) -> range:
         lo, hi = self.window(op.body_start, op.body_end)
         return range(lo, min(hi, len(self.snapsets) - 1) + 1)
-
-
-def _snapset(entry: Entry, snaps: tuple[str, ...]) -> tuple[str, ...]:
-    """The snapshot ids (oldest first) after ``entry``, leniently (for the search)."""
-    if entry.effect == "create":
-        return ()
-    if entry.effect == "snapshot" and entry.snapshot not in snaps:
-        return (*snaps, entry.snapshot)  # type: ignore[return-value]
-    if entry.effect == "delete":
-        return tuple(s for s in snaps if s != entry.snapshot)
-    return snaps
 
 
 def volume_ids(records: Iterable[dict]) -> set[str]:
@@ -528,12 +433,13 @@ class Model:
         for op in self.ops:
             if op.get("volume"):
                 by_volume.setdefault(op.volume, []).append(op)
-        recoveries: dict[str, dict[int, list[tuple[Op, dict]]]] = {}
+        published: dict[str, list[tuple[Op, int, str]]] = {}
+        recoveries: dict[str, list[tuple[Op, dict]]] = {}
         for op in self.ops:
+            for volume, gen, label in op.get("published") or []:
+                published.setdefault(volume, []).append((op, int(gen), label))
             for rec in op.get("recovered") or []:
-                recoveries.setdefault(rec["volume"], {}).setdefault(rec["generation"], []).append(
-                    (op, rec)
-                )
+                recoveries.setdefault(rec["volume"], []).append((op, rec))
             if op.get("swept"):
                 self.problems.append(
                     f"{op.describe()} removed {op.swept} as orphans: a snapshot create "
@@ -541,87 +447,59 @@ class Model:
                 )
         for lin in sorted(self.lineages.values(), key=lambda x: x.created.start):
             lin.final_gen = final_generations.get(lin.id)
-            self._gather(lin, by_volume.get(lin.id, []), recoveries.get(lin.id, {}))
-            lin.place(self.problems)
+            self._gather(
+                lin,
+                by_volume.get(lin.id, []),
+                published.get(lin.id, []),
+                recoveries.get(lin.id, []),
+            )
+            lin.settle(self.problems)
             lin.check_time_order(self.problems)
             lin.initial = self._origin(lin)
             lin.replay(self.image, self.problems)
         self._judge_failures(by_volume)
 
-    def _gather(self, lin: Lineage, ops: list[Op], recoveries: dict) -> None:
+    def _gather(
+        self,
+        lin: Lineage,
+        ops: list[Op],
+        published: list[tuple[Op, int, str]],
+        recoveries: list[tuple[Op, dict]],
+    ) -> None:
+        """Credit every generation of the volume to the call that published it."""
         p = self.problems
-        c = lin.created
-        lin.claim(1, Entry(1, "create", None, c.body_start, c.body_end, c.describe()), p)
-        failed_intents: list[Op] = []
-        for op in ops:
-            what = op.describe()
+        made: dict[int, set[str]] = {}  # id(op) -> the effects it published
+        for op, g, label in published:
+            effect, snapshot = _effect(label, op.ok)
+            made.setdefault(id(op), set()).add(effect)
+            entry = Entry(g, effect, snapshot, op.body_start, op.body_end, op.describe(), op.ok)
+            lin.claim(g, entry, p)
+        for op in [lin.created, *ops]:
             if op.kind == "write":
                 lin.writes.append(op)
-            elif not op.ok:
-                if op.kind in ("delete_snapshot", "revert_to_snapshot"):
-                    failed_intents.append(op)
-            elif op.kind == "create_snapshot":
-                if op.get("generation") is None:
-                    p.append(f"{what} succeeded but logged no generation (driver log changed?)")
-                else:
-                    g = op.generation
-                    lin.claim(
-                        g, Entry(g, "snapshot", op.snapshot, op.body_start, op.body_end, what), p
-                    )
-            elif op.kind == "delete_snapshot" and not op.get("noop"):
-                if op.get("generation") is None:
-                    p.append(f"{what} succeeded but logged no generation (driver log changed?)")
-                else:
-                    g = op.generation
-                    body = (op.body_start, op.body_end)
-                    lin.claim(g - 1, Entry(g - 1, "intent", op.snapshot, *body, what), p)
-                    lin.claim(g, Entry(g, "delete", op.snapshot, *body, what), p)
-            elif op.kind == "revert_to_snapshot":
-                lin.unknown.append(Unknown(op, 2, "revert", op.snapshot))
-            elif op.kind == "copy_image_to_volume":
-                lin.unknown.append(Unknown(op, 1, "image", None))
-            elif op.kind == "extend_volume":
-                lin.extends.append(op)
-        for g, group in sorted(recoveries.items()):
-            intent = group[0][1]
-            effect = {"delete_snapshot": "delete", "revert": "revert"}.get(intent["op"])
-            if effect is None:
-                continue  # a volume deletion being finished: no generation follows
-            start = min(o.body_start for o, _ in group)
-            end = max(o.body_end for o, _ in group)
-            snap = intent.get("snapshot")
-            if lin.final_gen is not None and g + 1 > lin.final_gen:
-                continue  # the recovery did not get as far as its write; verify shows the intent
-            owner = lin.entries.get(g)
-            if owner is not None and owner.effect == "intent":
-                # The intent of a call that succeeded: it was still running.
-                p.append(
-                    f"volume {lin.id}: {group[0][0].describe()} finished the intent of generation "
-                    f"{g} while {owner.what} was still running it (no lock kept them apart)"
-                )
                 continue
-            what = (
-                f"recovery of an interrupted {intent['op']} of {snap} by {group[0][0].describe()}"
-            )
-            lin.claim(g + 1, Entry(g + 1, effect, snap, start, end, what), p)
-            kind = "delete_snapshot" if effect == "delete" else "revert_to_snapshot"
-            # The failed call that wrote the intent: not one that found it.
-            finders = {id(o) for o, _ in group}
-            writer = [
-                o
-                for o in failed_intents
-                if o.kind == kind and o.get("snapshot") == snap and id(o) not in finders
-            ]
-            writer = [o for o in writer if o.body_start < end] or writer
-            if writer:
-                w = max(writer, key=_start)
-                lin.claim(g, Entry(g, "intent", snap, w.body_start, w.body_end, w.describe()), p)
-            else:
+            if op.kind == "extend_volume" and op.ok:
+                lin.extends.append(op)
+            needed = _MUST_PUBLISH.get(op.kind)
+            if op is not lin.created and op.kind in CREATES:
+                needed = None  # a copy's source: it publishes on the new volume
+            if op.kind == "delete_snapshot" and op.get("noop"):
+                needed = None  # already gone (or finished on the way, published then)
+            if op.ok and needed and needed not in made.get(id(op), set()):
                 p.append(
-                    f"volume {lin.id}: the intent of generation {g} ({intent['op']} of {snap}) "
-                    f"was written by no recorded operation"
+                    f"{op.describe()} succeeded but logged no {needed} generation of volume "
+                    f"{lin.id} (driver log changed?)"
                 )
-                lin.claim(g, Entry(g, "intent", snap, start, end, what), p)
+        for finder, rec in recoveries:
+            owner = lin.entries.get(rec["generation"])
+            if owner is not None and owner.ok and owner.what != finder.describe():
+                # A call that succeeded cannot have left an intent to finish:
+                # it was still running it when the finder read it.
+                p.append(
+                    f"volume {lin.id}: {finder.describe()} finished the intent of generation "
+                    f"{rec['generation']} while {owner.what} was still running it (no lock "
+                    f"kept them apart)"
+                )
 
     def _origin(self, lin: Lineage) -> Content:
         """A new volume's first content: empty, or a copy of its source's view."""
@@ -699,6 +577,33 @@ class Model:
         if reason == "image-in-use":
             return guest  # the volume's guest was writing while the call ran
         return False  # volume-gone, yet it was not deleted
+
+
+#: The effect each successful call must have published on its volume.
+_MUST_PUBLISH = {
+    **{kind: "create" for kind in CREATES},
+    "create_snapshot": "snapshot",
+    "delete_snapshot": "delete",
+    "revert_to_snapshot": "revert",
+    "copy_image_to_volume": "image",
+}
+
+
+def _effect(label: str, ok: bool) -> tuple[str, str | None]:
+    """What a published generation did to the volume's views, from the chain's label.
+
+    ``create``/``snapshot <id>``/``delete <id>``/``revert <id>`` change them
+    as their names say; ``image`` is claimed just before the image replaces the
+    base (``image?`` when the call then failed: it may not have); intents and
+    claims (``intent ...``, ``claim ...``) change no view.
+    """
+    word, _, rest = label.partition(" ")
+    if word in ("create", "snapshot", "delete", "revert") and (word == "create" or rest):
+        return word, rest or None
+    if word == "image":
+        return ("image" if ok else "image?"), None
+    snapshot = rest.split()[-1] if word == "intent" and len(rest.split()) > 1 else None
+    return "intent", snapshot
 
 
 def _start(op: Op) -> float:

@@ -12,7 +12,8 @@ during the call) and one ``end`` line after it::
     {"event": "end", "host": "host-a", "pid": 4711, "worker": 1, "seq": 17,
      "kind": "create_snapshot", "volume": "<id>", "snapshot": "<id>", "size": 1,
      "start": 812.214, "end": 812.275, "result": "ok", "generation": 9,
-     "noop": false, "recovered": [], "swept": [], "lock_wait": 0.012}
+     "published": [["<id>", 9, "snapshot <id>"]], "noop": false, "recovered": [],
+     "swept": [], "lock_wait": 0.012}
 
 ``kind`` is the driver method's name (``create_snapshot``, ``delete_snapshot``,
 ``revert_to_snapshot``, ``create_cloned_volume``, ``create_volume_from_snapshot``,
@@ -31,15 +32,22 @@ What the call produced is read from the driver's own log records for that call
 in that thread (:class:`LogCapture`), so the driver's return values stay
 Cinder's:
 
-* ``generation``: the ``.info`` generation a snapshot create or delete
-  published (the driver logs ``... generation %d``). Reverts, extends and clones
-  do not log one yet; the checker infers a revert's from the gaps between the
-  logged ones and places the others by time.
+* ``published``: every ``.info`` generation the call published, on any volume,
+  with what it is: ``[volume, generation, label]``, the label being
+  ``create``, ``snapshot <id>``, ``delete <id>``, ``revert <id>``, ``image``
+  (claimed just before the image replaces the base), ``intent <op> <id>``,
+  ``claim <step> of <op> <id>``, ``claim extend`` or ``claim delete_volume``
+  (the chain logs ``volume %s: published generation %d (%s)`` for each). Failed
+  calls publish too (an intent, a claim), and so do recoveries: the checker
+  credits every generation of every chain to exactly one call.
+* ``generation``: the generation a snapshot create or delete logged at INFO
+  (``... generation %d``), kept for the operator's log and the reports.
 * ``noop``: the chain said the snapshot to delete was already gone (no write).
 * ``recovered``: intents of interrupted operations this call finished on the
   way (``finishing interrupted ... generation %d``: the intent's generation),
   with the volume they belong to: a failed snapshot delete is finished by the
-  next operation on that volume, and the checker credits the generation to it.
+  next operation on that volume (whose ``published`` then holds the rest of
+  the interrupted operation's generations).
 * ``swept``: overlays removed as orphans (an interrupted snapshot create).
 * ``lock_wait``: the seconds the driver's ``synchronized`` waited for its locks.
 * ``held_from``, ``held_until``: monotonic times taken when the guard logged
@@ -111,6 +119,10 @@ class Facts:
     """What the driver's log records said about one call."""
 
     generation: int | None = None
+    #: Every generation the call published, with what it is (the chain's
+    #: ``volume %s: published generation %d (%s)``):
+    #: ``[[volume, generation, label], ...]``.
+    published: list[list] = dataclasses.field(default_factory=list)
     noop: bool = False
     recovered: list[dict] = dataclasses.field(default_factory=list)
     swept: list[str] = dataclasses.field(default_factory=list)
@@ -125,7 +137,9 @@ def _absorb(facts: Facts, record: logging.LogRecord) -> None:
     args = record.args if isinstance(record.args, tuple) else ()
     name = record.name
     try:
-        if name.startswith(DRIVER_LOGGERS) and "generation %d" in msg and args:
+        if name == CHAIN_LOGGER and "published generation %d" in msg and len(args) >= 3:
+            facts.published.append([str(args[0]), int(args[1]), str(args[2])])
+        elif name.startswith(DRIVER_LOGGERS) and "generation %d" in msg and args:
             facts.generation = int(args[-1])
         elif name == CHAIN_LOGGER and "already gone" in msg:
             facts.noop = True
@@ -185,7 +199,11 @@ class _Forward(logging.Handler):
 class LogCapture:
     """Captures the driver's log records of each call, per thread, while installed."""
 
-    LEVELS = {DRIVER_LOGGERS: logging.INFO, CHAIN_LOGGER: logging.INFO, GUARD_LOGGER: logging.DEBUG}
+    LEVELS = {
+        DRIVER_LOGGERS: logging.INFO,
+        CHAIN_LOGGER: logging.DEBUG,
+        GUARD_LOGGER: logging.DEBUG,
+    }
 
     def __init__(self) -> None:
         self.local = threading.local()
@@ -334,6 +352,7 @@ class Recorder:
             record["refusal"] = refusal(cls, msg)
         record.update(
             generation=facts.generation,
+            published=facts.published,
             noop=facts.noop,
             recovered=facts.recovered,
             swept=facts.swept,

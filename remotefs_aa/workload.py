@@ -210,50 +210,53 @@ def prepare(driver: Any, workspace: Workspace, count: int, size: int = 1) -> lis
     if not 1 <= count <= MAX_SHARED:
         raise ValueError(f"prepare makes 1 to {MAX_SHARED} shared volumes, not {count}")
     workspace.make()
-    rec = workspace.recorder(None, worker=-1)
     ids = []
-    try:
-        for i in range(count):
-            vol = Volume(size=size)
-            done = rec.call("create_volume", driver.create_volume, vol, fields=_new(vol, size))
-            if not done.ok:
-                raise done.error  # type: ignore[misc]
-            vol.provider_location = done.value["provider_location"]
-            workspace.publish(
-                {
-                    "id": vol.id,
-                    "share": vol.provider_location,
-                    "size": size,
-                    "shared": True,
-                    "slot": i,
-                }
-            )
-            extra: dict = {}
-            wrote = rec.call(
-                "write",
-                _guest_write,
-                driver,
-                vol,
-                i,
-                extra,
-                fields={"volume": vol.id, "region": i, "pattern": pattern_of(i)},
-                extra=extra,
-            )
-            if not wrote.ok:
-                raise wrote.error  # type: ignore[misc]
-            ids.append(vol.id)
-        regions = [count + j for j in range(IMAGE_REGIONS)]
-        path = os.path.join(workspace.images, IMAGE_ID)
-        with open(path, "wb") as f:
-            f.truncate(IMAGE_SIZE)
-            for r in regions:
-                f.seek(r * REGION)
-                f.write(bytes([pattern_of(r)]) * REGION)
-        with open(path + ".json", "w") as f:
-            json.dump({"disk_format": "raw"}, f)
-        rec.note("image", image=IMAGE_ID, size=IMAGE_SIZE, regions=regions)
-    finally:
-        rec.close()
+    # Captured like every other call: the checker credits each volume's first
+    # generation to the create that published it.
+    with history.capturing() as capture:
+        rec = workspace.recorder(capture, worker=-1)
+        try:
+            for i in range(count):
+                vol = Volume(size=size)
+                done = rec.call("create_volume", driver.create_volume, vol, fields=_new(vol, size))
+                if not done.ok:
+                    raise done.error  # type: ignore[misc]
+                vol.provider_location = done.value["provider_location"]
+                workspace.publish(
+                    {
+                        "id": vol.id,
+                        "share": vol.provider_location,
+                        "size": size,
+                        "shared": True,
+                        "slot": i,
+                    }
+                )
+                extra: dict = {}
+                wrote = rec.call(
+                    "write",
+                    _guest_write,
+                    driver,
+                    vol,
+                    i,
+                    extra,
+                    fields={"volume": vol.id, "region": i, "pattern": pattern_of(i)},
+                    extra=extra,
+                )
+                if not wrote.ok:
+                    raise wrote.error  # type: ignore[misc]
+                ids.append(vol.id)
+            regions = [count + j for j in range(IMAGE_REGIONS)]
+            path = os.path.join(workspace.images, IMAGE_ID)
+            with open(path, "wb") as f:
+                f.truncate(IMAGE_SIZE)
+                for r in regions:
+                    f.seek(r * REGION)
+                    f.write(bytes([pattern_of(r)]) * REGION)
+            with open(path + ".json", "w") as f:
+                json.dump({"disk_format": "raw"}, f)
+            rec.note("image", image=IMAGE_ID, size=IMAGE_SIZE, regions=regions)
+        finally:
+            rec.close()
     return ids
 
 

@@ -50,6 +50,7 @@ def call(kind, start, end, ok=True, **fields):
 
 
 def created(volume=V, start=0.0, end=1.0, **fields):
+    fields.setdefault("published", [[volume, 1, "create"]])
     return call(
         "create_volume", start, end, new_volume=volume, size=1, share="s", worker=-1, **fields
     )
@@ -60,19 +61,38 @@ def write(region, start, end, ok=True, volume=V):
 
 
 def snap(sid, gen, start, end, volume=V, **fields):
+    fields.setdefault("published", [[volume, gen, f"snapshot {sid}"]])
     return call(
         "create_snapshot", start, end, volume=volume, snapshot=sid, generation=gen, size=1, **fields
     )
 
 
 def delete(sid, gen, start, end, volume=V, **fields):
+    """A snapshot delete as the chain publishes it: its intent, a claim, the delete."""
+    fields.setdefault(
+        "published",
+        [
+            [volume, gen - 2, f"intent delete_snapshot {sid}"],
+            [volume, gen - 1, f"claim unlink of delete_snapshot {sid}"],
+            [volume, gen, f"delete {sid}"],
+        ],
+    )
     return call(
         "delete_snapshot", start, end, volume=volume, snapshot=sid, generation=gen, size=1, **fields
     )
 
 
-def revert(sid, start, end, volume=V):
-    return call("revert_to_snapshot", start, end, volume=volume, snapshot=sid, size=1)
+def revert(sid, gen, start, end, volume=V, **fields):
+    """A revert as the chain publishes it: its intent, the claim of its rename, the revert."""
+    fields.setdefault(
+        "published",
+        [
+            [volume, gen - 2, f"intent revert {sid}"],
+            [volume, gen - 1, f"claim rename of revert {sid}"],
+            [volume, gen, f"revert {sid}"],
+        ],
+    )
+    return call("revert_to_snapshot", start, end, volume=volume, snapshot=sid, size=1, **fields)
 
 
 def model(records, finals):
@@ -110,17 +130,16 @@ def test_a_write_during_a_delete_or_revert_may_be_lost():
         created(),
         snap("s1", 2, 2, 3),
         write(1, 4.5, 5.5),
-        delete("s1", 4, 5, 6),
-        snap("s2", 5, 7, 8),
+        delete("s1", 5, 5, 6),
+        snap("s2", 6, 7, 8),
         write(2, 8.5, 9.5),
-        revert("s2", 9, 10),
+        revert("s2", 9, 9, 10),
     ]
-    m = model(records, {V: 7})
+    m = model(records, {V: 9})
     lin = m.lineages[V]
     assert m.problems == []
     assert lin.active[1] == (EITHER, pattern_of(1))
-    # The revert's generations (6, 7) were inferred from the gap it left.
-    assert lin.entries[7].effect == "revert" and lin.entries[6].effect == "intent"
+    assert lin.entries[9].effect == "revert" and lin.entries[7].effect == "intent"
     assert lin.active[2] == (EITHER, pattern_of(2))
     assert lin.snaps["s2"][1] == (EITHER, pattern_of(1)) and 2 not in lin.snaps["s2"]
 
@@ -130,11 +149,30 @@ def test_a_failed_write_may_have_left_any_part_of_its_data():
     assert m.lineages[V].active == {1: (PARTIAL, pattern_of(1))}
 
 
-def test_a_revert_must_fit_a_gap_in_real_time_and_be_to_the_latest():
-    # s2 is created after s1; a revert to s1 cannot be explained once s2 exists.
-    records = [created(), snap("s1", 2, 2, 3), snap("s2", 3, 4, 5), revert("s1", 6, 7)]
-    m = model(records, {V: 5})
-    assert any("cannot be explained" in p for p in m.problems), m.problems
+def test_a_revert_must_be_to_the_latest_snapshot():
+    # s2 is created after s1; a revert to s1 cannot be right once s2 exists.
+    records = [created(), snap("s1", 2, 2, 3), snap("s2", 3, 4, 5), revert("s1", 6, 6, 7)]
+    m = model(records, {V: 6})
+    assert any("but the latest snapshot at generation 6 was s2" in p for p in m.problems)
+
+
+def test_a_successful_call_must_have_published_its_generation():
+    quiet = revert("s1", 5, 4, 5, published=[])
+    m = model([created(), snap("s1", 2, 2, 3), quiet], {V: 2})
+    assert any("succeeded but logged no revert generation" in p for p in m.problems), m.problems
+
+
+def test_a_failed_image_copy_after_its_claim_may_or_may_not_have_replaced_the_image():
+    image = {"event": "note", "kind": "image", "regions": [7]}
+    copy = call(
+        "copy_image_to_volume", 4, 5, ok=False, volume=V, size=1, published=[[V, 2, "image"]]
+    )
+    m = model([image, created(), write(1, 2, 3), copy], {V: 2})
+    assert m.problems == []
+    assert m.lineages[V].active == {1: (EITHER, pattern_of(1)), 7: (EITHER, pattern_of(7))}
+    ok = call("copy_image_to_volume", 4, 5, volume=V, size=1, published=[[V, 2, "image"]])
+    m = model([image, created(), write(1, 2, 3), ok], {V: 2})
+    assert m.lineages[V].active == {7: (PRESENT, pattern_of(7))}
 
 
 def test_generations_nobody_wrote_or_wrote_twice_are_found():
@@ -167,21 +205,28 @@ def test_a_failed_delete_finished_by_the_next_operation():
             size=1,
             error=refused,
             refusal="image-in-use",
+            published=[[V, 3, "intent delete_snapshot s1"]],
         ),
         delete(
             "s1",
-            3,
+            6,
             6,
             7,
             noop=True,
             recovered=[{"volume": V, "op": "delete_snapshot", "snapshot": "s1", "generation": 3}],
+            published=[
+                [V, 4, "claim commit of delete_snapshot s1"],
+                [V, 5, "claim unlink of delete_snapshot s1"],
+                [V, 6, "delete s1"],
+            ],
         ),
-        snap("s2", 5, 8, 9),
+        snap("s2", 7, 8, 9),
     ]
-    m = model(records, {V: 5})
+    m = model(records, {V: 7})
     lin = m.lineages[V]
     assert m.problems == [] and m.errors == []
-    assert lin.entries[3].effect == "intent" and lin.entries[4].effect == "delete"
+    assert lin.entries[3].effect == "intent" and lin.entries[6].effect == "delete"
+    assert not lin.entries[3].ok and lin.entries[6].ok
     assert list(lin.snaps) == ["s2"]
 
 
@@ -202,7 +247,7 @@ def test_refusals_need_a_cause():
     m = model([*base, bad], {V: 2})
     assert any("no cause in the history" in p for p in m.problems), m.problems
     # Deleted by someone else meanwhile: a fair refusal.
-    m = model([*base, delete("s1", 4, 3.9, 4.5), bad], {V: 4})
+    m = model([*base, delete("s1", 5, 3.9, 4.5), bad], {V: 5})
     assert m.problems == []
 
 
@@ -217,7 +262,16 @@ def test_a_clone_copies_the_source_as_its_interval_allows():
         created(),
         write(1, 2, 3),
         write(2, 4.5, 5.5),  # overlaps the clone's read
-        call("create_cloned_volume", 5, 6, volume=V, new_volume="vol-2", size=1, share="s"),
+        call(
+            "create_cloned_volume",
+            5,
+            6,
+            volume=V,
+            new_volume="vol-2",
+            size=1,
+            share="s",
+            published=[["vol-2", 1, "create"]],
+        ),
         write(3, 7, 8),  # after it
     ]
     m = model(records, {V: 1, "vol-2": 1})
@@ -282,6 +336,7 @@ def test_capture_takes_the_driver_records_of_this_call_in_this_thread(tmp_path):
             )
             other.start()
             other.join()
+            chain_log.debug("volume %s: published generation %d (%s)", V, 9, "snapshot s1")
             driver_log.info(
                 "snapshot %s of volume %s: created (active %s, generation %d)", "s1", V, "a", 9
             )
@@ -296,6 +351,7 @@ def test_capture_takes_the_driver_records_of_this_call_in_this_thread(tmp_path):
     assert r["recovered"] == [
         {"volume": V, "op": "delete_snapshot", "snapshot": "s0", "generation": 7}
     ]
+    assert r["published"] == [[V, 9, "snapshot s1"]]
     assert r["start"] <= r["held_from"] <= r["held_until"] <= r["end"]
     ended, unfinished = history.load(str(tmp_path / "h"))
     assert [e["kind"] for e in ended] == ["create_snapshot", "delete_snapshot"] and not unfinished
@@ -348,14 +404,14 @@ def test_finishing_the_intent_of_a_call_still_running_is_found():
     records = [
         created(),
         snap("s1", 2, 2, 3),
-        delete("s1", 4, 4, 6),
+        delete("s1", 5, 4, 6),
         snap(
             "s2",
-            5,
+            6,
             4.5,
             5.5,
             recovered=[{"volume": V, "op": "delete_snapshot", "snapshot": "s1", "generation": 3}],
         ),
     ]
-    m = model(records, {V: 5})
+    m = model(records, {V: 6})
     assert any("while delete_snapshot on" in p and "still running" in p for p in m.problems)
