@@ -227,14 +227,19 @@ class PrivilegedIO:
 
 
 class _Bodies:
-    """A privsep entrypoint module whose functions run here, as this process's user."""
+    """A privsep entrypoint module whose functions run here, as this process's user.
+
+    Each step still runs fenced (``local``): refused once the operation's lease
+    ran out, its child ended when the deadline passes, exactly as the daemon
+    would do it.
+    """
 
     def __init__(self, module: Any) -> None:
         self._module = module
 
     def __getattr__(self, name: str) -> Any:
         func = getattr(self._module, name)
-        return getattr(func, "__wrapped__", func)
+        return getattr(func, "local", getattr(func, "__wrapped__", func))
 
 
 class InProcessIO(PrivilegedIO):
