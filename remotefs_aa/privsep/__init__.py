@@ -187,6 +187,7 @@ def entrypoint(ctx: Context) -> Callable[[F], F]:
         def fenced(
             target: Callable[..., Any],
             senders: Callable[[], tuple[Callable[..., Any], Callable[..., Any]]],
+            prepare: Callable[[], None] = lambda: None,
         ) -> Callable[..., Any]:
             @functools.wraps(func)
             def call(*args: Any, **kwargs: Any) -> Any:
@@ -199,6 +200,10 @@ def entrypoint(ctx: Context) -> Callable[[F], F]:
                 try:
                     if not fence.ENFORCE:
                         return target(*args, **kwargs)
+                    # The daemon first (a slow start, sudo or a busy host, is
+                    # not the step's time: the heartbeat renews meanwhile), then
+                    # the deadline as it is now.
+                    prepare()
                     current.check(func.__name__)
                     token = current.begin(senders())
                     try:
@@ -211,7 +216,7 @@ def entrypoint(ctx: Context) -> Callable[[F], F]:
 
             return call
 
-        call = fenced(remote, lambda: _senders(ctx))
+        call = fenced(remote, lambda: _senders(ctx), lambda: _started(ctx))
         # The same step run in this process (secure file operations run the
         # bodies as the service's user): fenced alike, its deadline moved or
         # ended here by the heartbeat thread.
@@ -224,6 +229,17 @@ def entrypoint(ctx: Context) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return decorate
+
+
+def _started(ctx: Context) -> None:
+    """Start (or restart) ``ctx``'s daemon now if the call would (as oslo.privsep does)."""
+    if not ctx.client_mode:
+        return
+    if ctx.channel is not None and not ctx.channel.running:
+        LOG.warning("privileged daemon [%s] is gone; starting a new one", ctx.cfg_section)
+        ctx.stop()
+    if ctx.channel is None:
+        ctx.start()
 
 
 def _senders(ctx: Context) -> tuple[Callable[..., Any], Callable[..., Any]]:

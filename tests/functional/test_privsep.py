@@ -7,6 +7,7 @@ unprivileged service is proven in test_privsep_unprivileged.py.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -460,6 +461,37 @@ def test_steps_run_in_the_service_are_fenced_alike(daemon_base):
     with fence.active(lost), pytest.raises(exception.LeaseExpired, match="while it ran"):
         here_qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
     assert not _qemu_children(os.getpid()) and not os.path.exists(copy)
+
+
+def test_a_slow_daemon_start_is_not_the_steps_time(daemon_base):
+    """A daemon that takes longer than the lease to start (sudo, LDAP, a busy host).
+
+    The heartbeat renews meanwhile; the first step's deadline is the one after
+    the start, so the step runs.
+    """
+    from remotefs_aa.privsep import fence
+
+    privsep.stop()
+    section = privsep.FILES_SECTION
+    real = cfg.CONF[section].helper_command
+    slow = shlex.join(["/bin/sh", "-c", 'sleep 2; exec "$@"', "sh", *shlex.split(real)])
+    cfg.CONF.set_override("helper_command", slow, group=section)
+    renewed = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 0.5)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(0.1):
+            renewed.moved(fence.now() + 0.5)
+
+    beater = threading.Thread(target=heartbeat, daemon=True)
+    beater.start()
+    try:
+        with fence.active(renewed):
+            assert files.ping() is True
+    finally:
+        stop.set()
+        beater.join()
+        cfg.CONF.set_override("helper_command", real, group=section)
 
 
 def test_confirmed_renewals_let_a_long_step_finish_and_a_lost_lock_ends_it(daemon_base):
