@@ -57,6 +57,8 @@ def _start(tmp_path, mode: str, root_helper: str = "") -> str:
     return str(state)
 
 
+#: The lease of the fencing tests' fences (seconds).
+LEASE = 2.0
 #: Each test's configuration, by its state directory (for in-process bodies).
 CONFS: dict[str, cfg.ConfigOpts] = {}
 
@@ -474,14 +476,14 @@ def test_a_slow_daemon_start_is_not_the_steps_time(daemon_base):
     privsep.stop()
     section = privsep.FILES_SECTION
     real = cfg.CONF[section].helper_command
-    slow = shlex.join(["/bin/sh", "-c", 'sleep 2; exec "$@"', "sh", *shlex.split(real)])
+    slow = shlex.join(["/bin/sh", "-c", f'sleep {2 * LEASE}; exec "$@"', "sh", *shlex.split(real)])
     cfg.CONF.set_override("helper_command", slow, group=section)
-    renewed = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 0.5)
+    renewed = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + LEASE)
     stop = threading.Event()
 
     def heartbeat() -> None:
-        while not stop.wait(0.1):
-            renewed.moved(fence.now() + 0.5)
+        while not stop.wait(LEASE / 10):
+            renewed.moved(fence.now() + LEASE)
 
     beater = threading.Thread(target=heartbeat, daemon=True)
     beater.start()
@@ -498,24 +500,28 @@ def test_confirmed_renewals_let_a_long_step_finish_and_a_lost_lock_ends_it(daemo
     from remotefs_aa.privsep import fence
 
     vol = os.path.join(daemon_base, "volume-renewed")
-    qemu.qemu_img_create(vol, "raw", 1 << 30)  # about 1-3 s of copying here
+    qemu.qemu_img_create(vol, "raw", 4 << 30)  # seconds of copying (every byte written)
     copy = vol + ".s1"
-    renewed = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 0.5)
+    # Leases of seconds, renewed ten times as often: a loaded machine's
+    # scheduling delays must not look like a frozen service.
+    first = fence.now() + LEASE
+    renewed = fence.Fence(["remotefs_aa-v1"], deadline=first)
     stop = threading.Event()
 
     def heartbeat() -> None:
-        while not stop.wait(0.2):
-            renewed.moved(fence.now() + 0.5)
+        while not stop.wait(LEASE / 10):
+            renewed.moved(fence.now() + LEASE)
 
     beater = threading.Thread(target=heartbeat, daemon=True)
     beater.start()
     try:
         with fence.active(renewed):
-            qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)  # outlives 0.5 s
+            qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
     finally:
         stop.set()
         beater.join()
-    assert os.path.getsize(copy) == 1 << 30
+    assert fence.now() > first, "the copy ended within its first lease: nothing was shown"
+    assert os.path.getsize(copy) == 4 << 30
     os.unlink(copy)
 
     lost = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 600)
