@@ -7,8 +7,9 @@ stops everything it started.
 
 ``demo`` is the main job: several worker processes, each with its own driver,
 run random snapshot create / delete / clone / create-from-snapshot / revert
-operations on the same volumes with a progress bar; then every chain and every
-byte is verified and the result printed.
+operations on the same volumes with a progress bar, through the driver's public
+methods and its own locks (remotefs_aa.workload); then every chain and every
+byte is verified against the history they wrote and the result printed.
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ def add_parsers(commands: Any) -> None:
 
     # No help=: argparse lists a sub-command given help=SUPPRESS as "==SUPPRESS==".
     p = commands.add_parser("demo-worker")
-    p.add_argument("--registry", action="append", required=True)
-    p.add_argument("--derived", required=True)
+    p.add_argument("--workspace", required=True, help="the workload's directory (history, catalog)")
+    p.add_argument("--index", type=int, required=True, help="this worker's number, from 0")
+    p.add_argument("--workers", type=int, required=True, help="how many workers run")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--operations", type=int, default=None)
     p.add_argument("--duration", type=float, default=None)
@@ -475,9 +477,10 @@ def cmd_demo_worker(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         result = workload.run_worker(
             driver,
-            args.registry,
+            workload.Workspace(args.workspace),
+            args.index,
+            args.workers,
             args.seed,
-            args.derived,
             operations=args.operations,
             duration=args.duration,
             progress=progress,
@@ -544,8 +547,10 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         raise exception.UsageError("demo: --workers, --volumes and --operations must be >= 1")
     seed = args.seed if args.seed is not None else int(time.time())
     with service.running(conf) as driver:
-        registries = workload.prepare(driver, conf, args.volumes, args.size)
-        derived = tempfile.mkdtemp(prefix="derived-", dir=workload.registry_dir(conf))
+        parent = os.path.join(conf.state_path, "workload")
+        os.makedirs(parent, exist_ok=True)
+        workspace = workload.Workspace(tempfile.mkdtemp(prefix="demo-", dir=parent))
+        workload.prepare(driver, workspace, args.volumes, args.size)
         # The bar's clock starts as the workers do; the summary reads the same clock.
         bar = _Progress(args.workers * args.operations)
         procs = []
@@ -559,15 +564,17 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                     "remotefs_aa.cmd.main",
                     *opts.config_file_args(conf),
                     "demo-worker",
-                    "--derived",
-                    derived,
+                    "--workspace",
+                    workspace.root,
+                    "--index",
+                    str(i),
+                    "--workers",
+                    str(args.workers),
                     "--seed",
                     str(seed + i),
                     "--operations",
                     str(args.operations),
                 ]
-                for reg in registries:
-                    argv += ["--registry", reg]
                 procs.append(
                     subprocess.Popen(
                         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -591,18 +598,19 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                     failures.append(f"worker pid {proc.pid} exited {proc.returncode}: {err[-500:]}")
             bar.close()
             run_s = bar.elapsed()
-            report = workload.verify(driver, registries, derived)
+            report = workload.verify(driver, workspace)
         finally:
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
         if not args.keep:
-            workload.cleanup(driver, registries, derived)
-            shutil.rmtree(derived, ignore_errors=True)
-            for reg in registries:
-                os.unlink(reg)
-    errors = [e for r in results for e in r["errors"]] + failures
+            workload.cleanup(driver, workspace)
+        # The history stays for a look at what went wrong (or when asked to keep).
+        kept = bool(args.keep or failures or report["errors"] or report["problems"])
+        if not kept:
+            shutil.rmtree(workspace.root, ignore_errors=True)
+    errors = report["errors"] + failures
     counts: dict[str, int] = {}
     for r in results:
         for op, n in r["counts"].items():
@@ -619,8 +627,10 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         "per_worker": [worker_summary(r) for r in results],
         "errors": errors,
         "verified": report["checked"],
+        "refused": report["refused"],
         "problems": report["problems"],
         "kept": bool(args.keep),
+        "history": workspace.history if kept else None,
     }
     ok = not errors and not report["problems"]
     if args.format == "json":
@@ -645,12 +655,18 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             f"seed {seed}"
         )
         print(
-            f"verified: {c['volumes']} volumes ({c['chain_links']} chain links, qemu-img check "
-            f"on every overlay), {c['snapshots']} snapshots and {c['derived']} clones / "
-            f"volumes from snapshots, byte patterns read back with qemu-io"
+            f"verified against the history: {c['volumes']} volumes ({c['chain_links']} chain "
+            f"links, qemu-img check on every overlay), {c['snapshots']} snapshots and "
+            f"{c['derived']} derived volumes, every byte ({c['bytes'] / 2**30:.0f} GiB) "
+            f"flattened and read back: {c['regions']} written regions exact, {c['ambiguous']} "
+            f"either way (written during a chain change)"
         )
+        refused = ", ".join(f"{n} {why}" for why, n in sorted(report["refused"].items()))
+        print(f"refused, each a clean no with a cause in the history: {refused or 'none'}")
         for line in errors + report["problems"]:
             print(f"  PROBLEM: {line}")
+        if out["history"]:
+            print(f"history kept in {out['history']}")
         print(
             "RESULT: every chain intact, every byte where it should be"
             if ok

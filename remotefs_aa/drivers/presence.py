@@ -18,6 +18,13 @@ to say so. Each service therefore
 A record counts as live if refreshed within ``3 * PRESENCE_INTERVAL`` (by the
 recording host's clock: hosts are assumed to keep time within seconds); a
 record of this host whose process is gone is stale and removed.
+
+A presence lock can lapse like any lock on a lease (the service was paused
+past its lease, cut off, the backend restarted). The service then takes it
+back as soon as its provider says it was lost (checked every
+``WATCH_INTERVAL``), and a newcomer that finds a live record's lock free tries
+again for ``PROBE_WINDOW`` seconds before it concludes that the locks do not
+exclude each other: a lapse is a moment, separate lock backends are for good.
 """
 
 from __future__ import annotations
@@ -40,6 +47,12 @@ DIRECTORY = ".remotefs_aa/services"
 #: Seconds between refreshes of this service's record.
 PRESENCE_INTERVAL = 20.0
 LIVE_FOR = 3 * PRESENCE_INTERVAL
+#: Seconds between checks that this service still holds its presence lock.
+WATCH_INTERVAL = 1.0
+#: Seconds a newcomer keeps probing a free presence lock before it refuses to
+#: start (the other service may be taking back a lock that just lapsed).
+PROBE_WINDOW = 6.0
+PROBE_INTERVAL = 0.5
 
 
 class Presence:
@@ -120,26 +133,41 @@ class Presence:
 
     def _check_shares_locks_with(self, share: str, other: dict) -> None:
         name = str(other.get("presence_lock", ""))
-        try:
-            probe = coordination.get_provider().get_lock(name)
-            free = probe.acquire(blocking=False)
-        except exception.LockError as exc:
-            LOG.warning("share %s: could not probe %s of %s: %s", share, name, other, exc)
-            return
-        if not free:
-            return  # busy: the other service's locks are ours too
-        with contextlib.suppress(exception.RemoteFSAAError):
-            probe.release()
-            coordination.get_provider().clean(name)  # file backends: no file left behind
+        give_up = time.monotonic() + PROBE_WINDOW
+        while True:
+            try:
+                probe = coordination.get_provider().get_lock(name)
+                free = probe.acquire(blocking=False)
+            except exception.LockError as exc:
+                LOG.warning("share %s: could not probe %s of %s: %s", share, name, other, exc)
+                return
+            if not free:
+                return  # busy: the other service's locks are ours too
+            with contextlib.suppress(exception.RemoteFSAAError):
+                probe.release()
+                coordination.get_provider().clean(name)  # file backends: no file left behind
+            if time.monotonic() >= give_up:
+                break
+            LOG.info(
+                "share %s: presence lock %s of the service on host %s is free; trying again "
+                "for up to %.0f s (it may be taking back a lock that lapsed)",
+                share,
+                name,
+                other.get("host"),
+                give_up - time.monotonic(),
+            )
+            time.sleep(PROBE_INTERVAL)
         provider = coordination.get_provider()
         raise exception.HostLocalLockProvider(
             f"share {share} is in use by the service on host {other.get('host')} "
             f"(node {other.get('node')}, pid {other.get('pid')}, lock backend "
             f"{other.get('lock_backend')}, seen {other.get('age', 0):.0f} s ago), whose locks "
             f"do not exclude this service's ({provider.describe()} here): its presence lock "
-            f"{name} could be taken. Two services with separate locks on one share corrupt "
-            f"snapshot chains. Give both the same shared lock backend ([coordination] "
-            f"backend_url). If that service is gone, wait {LIVE_FOR:.0f} s or remove "
+            f"{name} could be taken, again and again for {PROBE_WINDOW:.0f} s. Two services "
+            f"with separate locks on one share corrupt snapshot chains. Give both the same "
+            f"shared lock backend ([coordination] backend_url). If they do share it, that "
+            f"service is cut off from it or paused: start this one once it is back. If "
+            f"that service is gone, wait {LIVE_FOR:.0f} s or remove "
             f"{DIRECTORY}/{other.get('record')} on the share"
         )
 
@@ -151,12 +179,40 @@ class Presence:
         )
 
     def _refresh_loop(self) -> None:
-        while not self._stop.wait(PRESENCE_INTERVAL):
+        """Take the presence lock back when it lapsed; refresh the records now and then."""
+        next_write = time.monotonic() + PRESENCE_INTERVAL
+        while not self._stop.wait(WATCH_INTERVAL):
+            self._keep_lock()
+            if time.monotonic() < next_write:
+                continue
+            next_write = time.monotonic() + PRESENCE_INTERVAL
             for share, folder in list(self._shares.items()):
                 try:
                     self._write(folder)
                 except Exception as exc:  # a share briefly unreachable: try next time
                     LOG.warning("share %s: could not refresh this service's record: %s", share, exc)
+
+    def _keep_lock(self) -> None:
+        lock = self._lock
+        if lock is None or lock.lost_reason is None:
+            return
+        LOG.warning(
+            "presence lock %s lapsed (%s); taking it back, or services starting on this "
+            "service's shares would refuse to",
+            lock.name,
+            lock.lost_reason,
+        )
+        with contextlib.suppress(Exception):
+            lock.release()  # ours no more: the backend may say so
+        try:
+            again = coordination.get_provider().get_lock(lock.name)
+            if again.acquire(blocking=False):
+                self._lock = again
+                LOG.info("presence lock %s: held again", lock.name)
+            else:
+                LOG.warning("presence lock %s is busy (a newcomer's probe?): next try", lock.name)
+        except Exception as exc:
+            LOG.warning("presence lock %s: could not take it back yet: %s", lock.name, exc)
 
     def leave(self) -> None:
         """Remove this service's records and give up its presence lock."""

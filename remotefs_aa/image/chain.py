@@ -243,14 +243,19 @@ class PrivilegedIO:
 
 
 class _Bodies:
-    """A privsep entrypoint module whose functions run here, as this process's user."""
+    """A privsep entrypoint module whose functions run here, as this process's user.
+
+    Each step still runs fenced (``local``): refused once the operation's lease
+    ran out, its child ended when the deadline passes, exactly as the daemon
+    would do it.
+    """
 
     def __init__(self, module: Any) -> None:
         self._module = module
 
     def __getattr__(self, name: str) -> Any:
         func = getattr(self._module, name)
-        return getattr(func, "__wrapped__", func)
+        return getattr(func, "local", getattr(func, "__wrapped__", func))
 
 
 class InProcessIO(PrivilegedIO):
@@ -519,7 +524,9 @@ class Chain:
 
     # -- writing -------------------------------------------------------------
 
-    def save(self, state: ChainState, durable: bool = True, **changes: Any) -> ChainState:
+    def save(
+        self, state: ChainState, durable: bool = True, label: str = "", **changes: Any
+    ) -> ChainState:
         """Publish ``state`` with ``changes`` as the next generation; the new state.
 
         An atomic compare-and-swap on the share (``files.publish_info``: the
@@ -545,6 +552,14 @@ class Chain:
                 found = None
             raise exception.StaleInfoGeneration(self.info_path, state.generation, found)
         new.raw = text
+        # One line per generation, naming what it is: the workload's history
+        # credits every generation of a chain to the call that wrote it.
+        LOG.debug(
+            "volume %s: published generation %d (%s)",
+            self.volume_id,
+            new.generation,
+            label or ("intent " + str(new.intent.get("op")) if new.intent else "change"),
+        )
         return new
 
     # -- recovery ------------------------------------------------------------
@@ -675,7 +690,7 @@ class Chain:
                 self._grow(tmp, state.format, not sparse)
             # Claimed before the base is replaced: a holder whose lock lapsed
             # stops here with the old base intact (and its temp file removed).
-            state = self.save(state, durable=False)
+            state = self.save(state, durable=False, label="image")
             self.io.rename(tmp, self.path(self.base))
         except BaseException:
             self.io.unlink(tmp)
@@ -715,7 +730,7 @@ class Chain:
                 f"nothing was overwritten (delete it first)"
             ) from None
         try:
-            return self.save(ChainState(self.base, {}, 0, fmt))
+            return self.save(ChainState(self.base, {}, 0, fmt), label="create")
         except exception.StaleInfoGeneration:
             self.io.unlink(self.path(self.base))  # ours: the rename above made it
             raise exception.VolumeExists(
@@ -753,11 +768,11 @@ class Chain:
         except FileExistsError:
             # An orphan of this very snapshot id (a create that died or whose
             # lock lapsed). Claimed first, so its creator's publish is refused.
-            state = self.save(state, durable=False)
+            state = self.save(state, durable=False, label=f"claim orphan {snapshot_id}")
             self.io.unlink(self.path(new))
             make()
         snapshots = {**state.snapshots, snapshot_id: new}
-        return self.save(state, active=new, snapshots=snapshots)
+        return self.save(state, label=f"snapshot {snapshot_id}", active=new, snapshots=snapshots)
 
     def sweep_orphans(self, candidates: list[str]) -> list[str]:
         """Remove those of ``candidates`` that are overlays the .info file does not name.
@@ -777,7 +792,7 @@ class Chain:
         orphans = [n for n in candidates if self._own(n) and n not in named]
         if not orphans:
             return []
-        self.save(state, durable=False)
+        self.save(state, durable=False, label="claim sweep of orphans")
         removed = self.io.unlink_many(self.directory, orphans)
         for name in removed:
             LOG.warning(
@@ -830,7 +845,7 @@ class Chain:
             "base_format": base.format,
             "higher": higher,
         }
-        state = self.save(state, intent=intent)
+        state = self.save(state, label=f"intent delete_snapshot {snapshot_id}", intent=intent)
         return self._finish_delete_snapshot(state, intent)
 
     def _finish_delete_snapshot(
@@ -858,7 +873,13 @@ class Chain:
             self.io.unlink(self.path(target))
         snapshots = {k: v for k, v in state.snapshots.items() if k != intent["snapshot"]}
         active = base if state.active == target else state.active
-        return self.save(state, active=active, snapshots=snapshots, intent=None)
+        return self.save(
+            state,
+            label=f"delete {intent['snapshot']}",
+            active=active,
+            snapshots=snapshots,
+            intent=None,
+        )
 
     def _claim(self, state: ChainState, intent: dict, step: str) -> ChainState:
         """Claim the next destructive step through the compare-and-swap, then do it.
@@ -868,7 +889,12 @@ class Chain:
         the step, so a crash right after the claim is finished by the next
         holder from that step on.
         """
-        return self.save(state, durable=False, intent={**intent, "step": step})
+        return self.save(
+            state,
+            durable=False,
+            label=f"claim {step} of {intent['op']} {intent.get('snapshot', '')}".rstrip(),
+            intent={**intent, "step": step},
+        )
 
     def revert(self, snapshot_id: str) -> ChainState:
         state = self.load_recovered()
@@ -888,7 +914,7 @@ class Chain:
             "backing_format": links[1].format,
             "tmp": f".{overlay}.revert",
         }
-        state = self.save(state, intent=intent)
+        state = self.save(state, label=f"intent revert {snapshot_id}", intent=intent)
         return self._finish_revert(state, intent)
 
     def _finish_revert(self, state: ChainState, intent: dict) -> ChainState:
@@ -898,7 +924,7 @@ class Chain:
         self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"], self.mode)
         state = self._claim(state, intent, "rename")
         self.io.rename(tmp, self.path(overlay))
-        return self.save(state, intent=None)
+        return self.save(state, label=f"revert {intent['snapshot']}", intent=None)
 
     def extend(self, new_size_gib: int, thick: bool = False) -> ChainState:
         state = self.load_recovered()
@@ -917,7 +943,7 @@ class Chain:
         skip = len(links) > 1 and links[1].virtual_size <= top.virtual_size
         # The claim (a new generation, nothing else changed) fences a holder
         # whose lock lapsed; a crash after it changes nothing to recover.
-        state = self.save(state, durable=False)
+        state = self.save(state, durable=False, label="claim extend")
         self._grow(self.path(top.name), top.format, thick, skip_backing=skip)
         return state
 
@@ -930,7 +956,9 @@ class Chain:
             # every reader sees a volume being deleted.
             # Not durable: if a power cut loses it, the deletion either happened
             # (its marker says so) or not.
-            state = self.save(state, durable=False, intent={"op": "delete_volume"})
+            state = self.save(
+                state, durable=False, label="claim delete_volume", intent={"op": "delete_volume"}
+            )
         if state.raw is not None:
             self.io.rename(self.info_path, self.deleting_path)
         self._delete_files(state)

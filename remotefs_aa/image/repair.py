@@ -179,4 +179,4 @@ def apply(chain: Chain, repair: RepairPlan) -> ChainState:
     """Write the planned text if the file still holds what the plan read (StaleInfoGeneration)."""
     if repair.problems or repair.state is None:
         raise exception.InvalidInfoFile(repair.info_path, "; ".join(repair.problems))
-    return chain.save(repair.state)
+    return chain.save(repair.state, label="repair")

@@ -167,9 +167,10 @@ def entrypoint(ctx: Context) -> Callable[[F], F]:
     Called inside a locked operation (``fence.current()``), the call is
     refused once the lease ran out or a lock was lost, and otherwise carries
     ``(token, deadline)`` to where the body runs (the daemon, or this process
-    in ``direct`` mode, the rootwrap modes and for in-process file
-    operations), which refuses to start after the deadline and ends a
-    running child when it passes.
+    in ``direct`` mode and the rootwrap modes), which refuses to start after
+    the deadline and ends a running child when it passes. ``call.local`` is
+    the same call with the body run in this process (secure file operations,
+    as the service's user), fenced alike.
     """
 
     def decorate(func: F) -> F:
@@ -183,26 +184,43 @@ def entrypoint(ctx: Context) -> Callable[[F], F]:
 
         remote = ctx.entrypoint(body)
 
-        @functools.wraps(func)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            current = fence.current()
-            if current is None or "_fence" in kwargs:
-                return remote(*args, **kwargs)
-            hook = fence.on_step
-            if hook is not None:
-                hook("before", func.__name__)
-            try:
-                if not fence.ENFORCE:
-                    return remote(*args, **kwargs)
-                current.check(func.__name__)
-                token = current.begin(_senders(ctx))
-                try:
-                    return remote(*args, _fence=(token, current.deadline), **kwargs)
-                finally:
-                    current.end(token)
-            finally:
+        def fenced(
+            target: Callable[..., Any],
+            senders: Callable[[], tuple[Callable[..., Any], Callable[..., Any]]],
+            prepare: Callable[[], None] = lambda: None,
+        ) -> Callable[..., Any]:
+            @functools.wraps(func)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                current = fence.current()
+                if current is None or "_fence" in kwargs:
+                    return target(*args, **kwargs)
+                hook = fence.on_step
                 if hook is not None:
-                    hook("after", func.__name__)
+                    hook("before", func.__name__)
+                try:
+                    if not fence.ENFORCE:
+                        return target(*args, **kwargs)
+                    # The daemon first (a slow start, sudo or a busy host, is
+                    # not the step's time: the heartbeat renews meanwhile), then
+                    # the deadline as it is now.
+                    prepare()
+                    current.check(func.__name__)
+                    token = current.begin(senders())
+                    try:
+                        return target(*args, _fence=(token, current.deadline), **kwargs)
+                    finally:
+                        current.end(token)
+                finally:
+                    if hook is not None:
+                        hook("after", func.__name__)
+
+            return call
+
+        call = fenced(remote, lambda: _senders(ctx), lambda: _started(ctx))
+        # The same step run in this process (secure file operations run the
+        # bodies as the service's user): fenced alike, its deadline moved or
+        # ended here by the heartbeat thread.
+        call.local = fenced(body, lambda: (fence.extend, fence.abort))  # type: ignore[attr-defined]
 
         # The daemon finds the entrypoint by this module attribute and checks
         # the marker oslo.privsep set on what ctx.entrypoint returned.
@@ -211,6 +229,17 @@ def entrypoint(ctx: Context) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return decorate
+
+
+def _started(ctx: Context) -> None:
+    """Start (or restart) ``ctx``'s daemon now if the call would (as oslo.privsep does)."""
+    if not ctx.client_mode:
+        return
+    if ctx.channel is not None and not ctx.channel.running:
+        LOG.warning("privileged daemon [%s] is gone; starting a new one", ctx.cfg_section)
+        ctx.stop()
+    if ctx.channel is None:
+        ctx.start()
 
 
 def _senders(ctx: Context) -> tuple[Callable[..., Any], Callable[..., Any]]:

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from remotefs_aa import service
-from tests import run_cli
+from tests import REPO, run_cli
+from tests.functional import servers
 from tests.functional import volumes as v
+from tests.functional.conftest import worker_env
 
 pytestmark = pytest.mark.functional
 
 
 def _config(tmp_path, name: str, share: str, coordination: str) -> str:
+    url = coordination if "://" in coordination else f"file://{coordination}"
     directory = tmp_path / name
     directory.mkdir()
-    config = v.write_config(
-        str(directory), backend_url=f"file://{coordination}", local_shares=share, host=name
-    )
+    config = v.write_config(str(directory), backend_url=url, local_shares=share, host=name)
     with open(config, "a") as f:  # both may act on the one share
         f.write(f"[privileged]\nallowed_paths = $state_path,{share}\n")
+        f.write("[coordination]\nheartbeat = 0.5\n")
     return config
 
 
@@ -57,3 +63,44 @@ def test_services_sharing_one_lock_backend_start_side_by_side(tmp_path):
         assert listed.returncode == 0, listed.stderr
     finally:
         service.stop()
+
+
+#: A service that starts on a config and then waits (killed by the test).
+SERVE = """
+import sys, time
+from remotefs_aa import service
+service.start(service.make_config(["--config-file", sys.argv[1]]))
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_service_whose_presence_lock_lapsed_does_not_lock_newcomers_out(tmp_path):
+    """Paused past its lease, the first service loses its presence lock and takes it back."""
+    redis = servers.SERVERS["redis"](workdir=str(tmp_path / "redis"))
+    os.makedirs(redis.workdir)
+    share = str(tmp_path / "share")
+    try:
+        redis.start()
+        first = _config(tmp_path, "host-a", share, redis.url)
+        second = _config(tmp_path, "host-b", share, redis.url)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, first],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=worker_env(),
+        )
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            os.kill(proc.pid, signal.SIGSTOP)  # a pause past its lease: the lock lapses
+            time.sleep(redis.lock_expiry + 1.5)
+            os.kill(proc.pid, signal.SIGCONT)
+            listed = run_cli("--config-file", second, "volume", "list")
+            assert listed.returncode == 0, listed.stderr
+            assert proc.poll() is None  # and the first service runs on
+        finally:
+            proc.kill()
+            proc.wait(10)
+    finally:
+        redis.cleanup()

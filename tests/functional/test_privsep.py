@@ -7,8 +7,10 @@ unprivileged service is proven in test_privsep_unprivileged.py.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -51,7 +53,14 @@ def _start(tmp_path, mode: str, root_helper: str = "") -> str:
     privsep.register_opts(conf)
     conf(["--config-file", str(conf_file)], default_config_files=[])
     privsep.init(conf)
+    CONFS[str(state)] = conf
     return str(state)
+
+
+#: The lease of the fencing tests' fences (seconds).
+LEASE = 2.0
+#: Each test's configuration, by its state directory (for in-process bodies).
+CONFS: dict[str, cfg.ConfigOpts] = {}
 
 
 @pytest.fixture(params=MODES)
@@ -397,3 +406,127 @@ def test_killed_service_leaves_no_daemon_and_no_qemu_img(tmp_path):
     finally:
         service.kill()
         service.wait(10)
+
+
+def _long_copy(base: str) -> tuple[str, str]:
+    vol = os.path.join(base, "volume-fenced")
+    if not os.path.exists(vol):
+        qemu.qemu_img_create(vol, "raw", 8 << 30)
+    copy = vol + ".s1"
+    if os.path.exists(copy):
+        os.unlink(copy)
+    return vol, copy
+
+
+def test_a_fenced_step_is_refused_after_its_deadline(daemon_base):
+    from remotefs_aa.privsep import fence
+
+    late = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() - 0.01)
+    with fence.active(late), pytest.raises(exception.LeaseExpired, match="ran out"):
+        files.ping()
+    # The daemon refuses it too when the caller's own check is skipped.
+    with pytest.raises(exception.LeaseExpired, match="before the step could start"):
+        files.ping(_fence=("t0", fence.now() - 0.01))
+
+
+def test_the_daemon_ends_a_running_child_when_the_lease_runs_out(daemon_base):
+    from remotefs_aa.privsep import fence
+
+    vol, copy = _long_copy(daemon_base)
+    pid = files.daemon_info()["pid"]
+    with fence.active(fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 1.0)):
+        with pytest.raises(exception.LeaseExpired, match="ran out while it ran"):
+            qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    assert not _qemu_children(pid)
+    assert not os.path.exists(copy)  # and what it made is gone
+
+
+def test_steps_run_in_the_service_are_fenced_alike(daemon_base):
+    """Secure file operations run the bodies here (InProcessIO): same refusals, same end."""
+    from remotefs_aa.image.chain import _Bodies
+    from remotefs_aa.privsep import fence
+
+    privsep.use(CONFS[daemon_base])  # what InProcessIO does: its limits, here
+    here_qemu, here_files = _Bodies(qemu), _Bodies(files)
+    late = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() - 0.01)
+    with fence.active(late), pytest.raises(exception.LeaseExpired, match="ran out"):
+        here_files.ping()
+    vol, copy = _long_copy(daemon_base)
+    with fence.active(fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 1.0)):
+        with pytest.raises(exception.LeaseExpired, match="ran out while it ran"):
+            here_qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    assert not _qemu_children(os.getpid())
+    assert not os.path.exists(copy)
+    # A lost lock ends the running copy here too.
+    lost = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 600)
+    threading.Timer(0.3, lost.lose, ["the backend said so"]).start()
+    with fence.active(lost), pytest.raises(exception.LeaseExpired, match="while it ran"):
+        here_qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    assert not _qemu_children(os.getpid()) and not os.path.exists(copy)
+
+
+def test_a_slow_daemon_start_is_not_the_steps_time(daemon_base):
+    """A daemon that takes longer than the lease to start (sudo, LDAP, a busy host).
+
+    The heartbeat renews meanwhile; the first step's deadline is the one after
+    the start, so the step runs.
+    """
+    from remotefs_aa.privsep import fence
+
+    privsep.stop()
+    section = privsep.FILES_SECTION
+    real = cfg.CONF[section].helper_command
+    slow = shlex.join(["/bin/sh", "-c", f'sleep {2 * LEASE}; exec "$@"', "sh", *shlex.split(real)])
+    cfg.CONF.set_override("helper_command", slow, group=section)
+    renewed = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + LEASE)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(LEASE / 10):
+            renewed.moved(fence.now() + LEASE)
+
+    beater = threading.Thread(target=heartbeat, daemon=True)
+    beater.start()
+    try:
+        with fence.active(renewed):
+            assert files.ping() is True
+    finally:
+        stop.set()
+        beater.join()
+        cfg.CONF.set_override("helper_command", real, group=section)
+
+
+def test_confirmed_renewals_let_a_long_step_finish_and_a_lost_lock_ends_it(daemon_base):
+    from remotefs_aa.privsep import fence
+
+    vol = os.path.join(daemon_base, "volume-renewed")
+    qemu.qemu_img_create(vol, "raw", 4 << 30)  # seconds of copying (every byte written)
+    copy = vol + ".s1"
+    # Leases of seconds, renewed ten times as often: a loaded machine's
+    # scheduling delays must not look like a frozen service.
+    first = fence.now() + LEASE
+    renewed = fence.Fence(["remotefs_aa-v1"], deadline=first)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(LEASE / 10):
+            renewed.moved(fence.now() + LEASE)
+
+    beater = threading.Thread(target=heartbeat, daemon=True)
+    beater.start()
+    try:
+        with fence.active(renewed):
+            qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    finally:
+        stop.set()
+        beater.join()
+    assert fence.now() > first, "the copy ended within its first lease: nothing was shown"
+    assert os.path.getsize(copy) == 4 << 30
+    os.unlink(copy)
+
+    lost = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 600)
+    threading.Timer(0.3, lost.lose, ["the backend said so"]).start()
+    with fence.active(lost), pytest.raises(exception.LeaseExpired, match="while it ran"):
+        qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    with fence.active(lost), pytest.raises(exception.LeaseExpired, match="the backend said so"):
+        files.ping()  # and nothing more starts

@@ -395,3 +395,91 @@ def test_file_backend_start_leaves_no_probe_file_and_clean_removes_lock_files(tm
         assert prov.get_lock("remotefs_aa-v1").acquire(blocking=False)  # usable again
     finally:
         prov.stop()
+
+
+# -- leases and fencing deadlines ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "seconds", "margin"),
+    [
+        ("redis://h:1?lock_timeout=3", "per-lock", 3, 0.5),
+        ("redis://h:1?timeout=40", "per-lock", 40, 4.0),
+        ("redis://h:1", "per-lock", 30, 3.0),
+        ("memcached://h:1?lock_timeout=3", "per-lock", 2, 0.5),  # whole seconds: N - 1
+        ("etcd3+http://h:1?lock_timeout=20", "etcd", 20, 2.0),
+        ("zookeeper://h:1?timeout=3", "session", 3, 0.5),
+        ("zookeeper://h:1", "session", 10, 1.0),
+        ("file:///tmp/x", "none", float("inf"), 0.0),
+        ("mysql://root@h/db", "none", float("inf"), 0.0),
+    ],
+)
+def test_lease_model_per_backend(url, kind, seconds, margin):
+    lease = tooz_provider.lease_of(url, make_conf(backend_url=url).coordination)
+    assert (lease.kind, lease.seconds, lease.margin) == (kind, seconds, margin)
+    assert lease.deadline(100.0) == (100.0 + seconds - margin if kind != "none" else float("inf"))
+
+
+def test_a_configured_margin_wins_and_a_heartbeat_too_slow_for_the_lease_is_refused():
+    conf = make_conf(backend_url="redis://h:1?lock_timeout=3", lease_margin=1.0)
+    assert tooz_provider.lease_of(conf.coordination.backend_url, conf.coordination).margin == 1.0
+    prov = ToozLockProvider(make_conf(backend_url="redis://h:1?lock_timeout=3", heartbeat=2.6))
+    with pytest.raises(exception.InvalidConfig, match="heartbeat <= 1.2"):
+        prov._check_heartbeat_fits_lease()
+
+
+class RenewingLock(FakeLock):
+    """A fake per-lock backend: heartbeat() renews, or refuses once told to."""
+
+    refuse = False
+
+    def heartbeat(self):
+        if RenewingLock.refuse:
+            raise tooz_coordination.ToozError("Cannot reacquire a lock that's no longer owned")
+        return True
+
+
+def test_the_deadline_starts_at_the_acquire_and_moves_only_with_confirmed_renewals(
+    fake, monkeypatch
+):
+    from remotefs_aa.coordination.guard import OperationFence
+    from remotefs_aa.privsep import fence
+
+    prov, _state = fake
+    monkeypatch.setattr(FakeCoordinator, "get_lock", lambda self, name: RenewingLock(self, name))
+    monkeypatch.setattr(RenewingLock, "refuse", False)
+    before = fence.now()
+    lock = prov.get_lock("remotefs_aa-v1")
+    assert lock.acquire()
+    lease = prov.lease  # redis, 30 s, margin 3 s
+    assert before + lease.seconds - lease.margin <= lock.deadline <= fence.now() + 27
+    guard = OperationFence(["remotefs_aa-v1"], [lock])
+    first = guard.deadline
+    time.sleep(0.2)  # a few heartbeats (every 0.05 s)
+    assert guard.deadline > first  # renewed and confirmed: moved
+    RenewingLock.refuse = True
+    deadline = time.monotonic() + 5
+    while guard.lost is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "no longer owned" in guard.lost
+    with pytest.raises(exception.LeaseExpired, match="remotefs_aa-v1"):
+        guard.check("qemu_img_commit")
+    guard.close()
+    lock.release()
+
+
+def test_a_lost_connection_fences_every_operation_holding_a_lock(fake):
+    from remotefs_aa.coordination.guard import OperationFence
+
+    prov, state = fake
+    lock = prov.get_lock("remotefs_aa-v1")
+    assert lock.acquire()
+    guard = OperationFence(["remotefs_aa-v1"], [lock])
+    state["down"] = True
+    deadline = time.monotonic() + 5
+    while guard.lost is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "connection to the backend was lost" in guard.lost
+    state["down"] = False
+    guard.close()
+    lock.release()
