@@ -361,6 +361,24 @@ class CinderDriver:
             self._stats = super().get_volume_stats(refresh)  # type: ignore[misc]
         return self._stats
 
+    # -- chain changes Cinder may ask of an attached volume --------------------------------
+
+    def create_snapshot(self, snapshot: Any) -> Any:
+        _refuse_attached(snapshot.volume, f"snapshot {snapshot.id}")
+        return super().create_snapshot(snapshot)  # type: ignore[misc]
+
+    def delete_snapshot(self, snapshot: Any) -> None:
+        _refuse_attached(snapshot.volume, f"deleting snapshot {snapshot.id}")
+        super().delete_snapshot(snapshot)  # type: ignore[misc]
+
+    def revert_to_snapshot(self, context: Any, volume: Any, snapshot: Any) -> None:
+        _refuse_attached(volume, f"reverting to snapshot {snapshot.id}")
+        super().revert_to_snapshot(context, volume, snapshot)  # type: ignore[misc]
+
+    def extend_volume(self, volume: Any, new_size: int) -> None:
+        _refuse_attached(volume, f"extending to {new_size} GiB")
+        super().extend_volume(volume, new_size)  # type: ignore[misc]
+
     # -- members only Cinder calls ------------------------------------------------------
 
     def create_export(self, context: Any, volume: Any, connector: Any) -> None:
@@ -416,6 +434,24 @@ class CinderDriver:
     def clean_snapshot_file_locks(self, snapshot_id: str) -> None:
         """Snapshots are locked through their volume: nothing of theirs to remove."""
         return None
+
+
+def _refuse_attached(volume: Any, what: str) -> None:
+    """Refuse a chain change under a running guest (Cinder allows some with ``force``).
+
+    A hypervisor holding the active image open keeps writing into it after a
+    new overlay is put on top (its data would land in the snapshot) and
+    cannot follow a merge or a revert; that needs Nova's assisted snapshots,
+    which these drivers do not do. Nothing is changed.
+    """
+    status = getattr(volume, "status", None)
+    attached = getattr(volume, "attach_status", None)
+    if status == "in-use" or attached == "attached":
+        raise exception.InvalidVolume(
+            f"volume {volume.id} is attached ({status}); {what} needs it detached: the "
+            f"guest would keep writing to the image under the new chain (online snapshots "
+            f"need Nova-assisted snapshots, which remotefs_aa does not do). Nothing was changed."
+        )
 
 
 def _lock_file_directory(conf: Any) -> str | None:

@@ -498,6 +498,32 @@ def scenario_single(args) -> dict:
         host.delete(migrated)
         expect(files_of(drv, other) == [], "migrated volume's files removed")
 
+    with step("attached volume refuses snapshots"):
+        guest = host.create(1)
+        # What attach leaves in the database; the API allows a forced snapshot then.
+        guest.update({"status": "in-use", "attach_status": "attached"})
+        guest.save()
+        snap = objects.Snapshot(
+            context=host.ctxt,
+            volume_id=guest.id,
+            status=fields.SnapshotStatus.CREATING,
+            volume_size=guest.size,
+            project_id=PROJECT,
+            user_id=USER,
+            volume_type_id=guest.volume_type_id,
+        )
+        snap.create()
+        with contextlib.suppress(Exception):
+            host.mgr.create_snapshot(host.ctxt, snap)
+        snap.refresh()
+        expect(snap.status == "error", f"snapshot of an attached volume: {snap.status}")
+        expect(files_of(drv, guest.name) == [guest.name, guest.name + ".info"], "no overlay")
+        intact(drv, guest)
+        guest.update({"status": "available", "attach_status": "detached"})
+        guest.save()
+        host.delete_snapshot(snap)
+        host.delete(guest)
+
     with step("volume delete"):
         for each in (vol, from_s1, clone, bigger, from_image):
             each.refresh()
@@ -886,7 +912,44 @@ def scenario_connection(args) -> dict:
     return {"connection_info": info, "patterns": {"0": 0x41, "1": 0x42}}
 
 
+def scenario_heartbeat(args) -> dict:
+    """Hold one of our locks for 3x the backend's expiry while the service idles.
+
+    Under eventlet the provider's heartbeat is a green thread: it runs only
+    when the hub gets control, as it does whenever this process waits on a
+    green socket, pipe or sleep (a privileged call, a DB query). A second
+    provider (another "host") must find the lock busy all along, and the
+    holder must still own it at the end.
+    """
+    from remotefs_aa import coordination as ours
+    from remotefs_aa.coordination.tooz_provider import ToozLockProvider
+
+    host = Host(args.backend)
+    provider = ours.get_provider()
+    lock = provider.get_lock("remotefs_aa-heartbeat-probe")
+    expect(lock.acquire(blocking=False), "probe lock busy at start")
+    other = ToozLockProvider(host.driver.conf, member_id=f"other-{os.getpid()}")
+    other.start()
+    busy_checks = 0
+    try:
+        deadline = time.monotonic() + 3 * args.expiry
+        while time.monotonic() < deadline:
+            # Work the service does meanwhile: privileged calls and DB reads.
+            host.driver.get_volume_stats(refresh=True)
+            objects.VolumeList.get_all(host.ctxt)
+            contender = other.get_lock("remotefs_aa-heartbeat-probe")
+            expect(not contender.acquire(blocking=False), "another host took a held lock")
+            busy_checks += 1
+            time.sleep(0.5)
+        expect(lock.is_still_owner(), "the holder lost its lock")
+    finally:
+        lock.release()
+        other.stop()
+    return {"busy_checks": busy_checks, "heartbeat": provider.requires_heartbeat}
+
+
 SCENARIOS = {
+    "heartbeat": scenario_heartbeat,
     "connection": scenario_connection,
     "single": scenario_single,
     "serve": scenario_serve,
@@ -914,6 +977,7 @@ def main() -> None:
     parser.add_argument("--operation", default="clone")
     parser.add_argument("--dead-service", type=int, default=0)
     parser.add_argument("--size", type=int, default=1)
+    parser.add_argument("--expiry", type=float, default=3.0)
     args = parser.parse_args()
     boot(args.config_file)
     started = time.monotonic()

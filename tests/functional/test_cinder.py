@@ -25,7 +25,7 @@ import time
 import pytest
 
 from tests.functional import cinder_env as ce
-from tests.functional import gluster, nfs_standin
+from tests.functional import gluster, nfs_standin, servers
 from tests.functional import volumes as v
 
 pytestmark = pytest.mark.functional
@@ -218,3 +218,28 @@ def test_os_brick_connectors_open_what_initialize_connection_returns(kind, tmp_p
         assert v.region_is(device["path"], data["format"], 0, result["patterns"]["0"])
         assert v.region_is(device["path"], data["format"], 1, result["patterns"]["1"])
         conn.disconnect_volume(data, device)
+
+
+# -- the lock provider's heartbeat in a monkey-patched and in a native-thread service ---------
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    server = servers.SERVERS["redis"](workdir=str(tmp_path_factory.mktemp("redis-hb")))
+    if not server.available():
+        pytest.fail("redis-server is not installed; run tools/bootstrap.sh --test")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize("mode", sorted(ce.MODES))
+def test_locks_outlive_their_expiry_while_held(mode, redis, tmp_path):
+    name = "rfsaa-local"
+    config = ce.write_conf(str(tmp_path), name, DRIVERS["local"], {}, backend_url=redis.url)
+    ce.db_sync(config)
+    result = ce.run_worker("heartbeat", config, name, "--expiry", str(redis.lock_expiry), mode=mode)
+    assert result["patched"] is (mode == "eventlet") and result["heartbeat"] is True
+    assert result["busy_checks"] >= 5

@@ -282,3 +282,36 @@ def test_our_errors_become_the_cinder_exceptions_the_manager_acts_on(tmp_path):
         "stale": ["VolumeBackendAPIException", True],
         "config": ["InvalidConfigurationValue", True],
     }
+
+
+def test_a_privileged_daemon_confined_elsewhere_fails_the_setup_clearly(tmp_path):
+    """Cinder's state_path default is not the daemon's: the daemon reads cinder.conf alone."""
+    shares = tmp_path / "shares"
+    shares.write_text("nfs-server:/exports/a\n")
+    out = run(
+        tmp_path,
+        f"""
+        cinder_conf('''
+        [DEFAULT]
+        # state_path unset: /var/lib/cinder for Cinder, /var/lib/remotefs_aa for the helper
+        [coordination]
+        backend_url = file://{tmp_path}/locks
+        [privileged]
+        root_helper =
+        [b1]
+        volume_driver = remotefs_aa.drivers.nfs.NfsDriver
+        nfs_shares_config = {shares}
+        ''')
+        drv = build()
+        try:
+            drv.do_setup(None)
+            print(json.dumps({{"refused": None}}))
+        except Exception as exc:
+            print(json.dumps({{"refused": type(exc).__name__, "message": str(exc)}}))
+        """,
+    )
+    assert out["refused"] == "InvalidConfigurationValue", out
+    message = out["message"]
+    assert "/var/lib/cinder/mnt" in message and "'/var/lib/cinder'" in message
+    assert "'/var/lib/remotefs_aa'] in the privileged daemon" in message
+    assert "set state_path or [privileged] allowed_paths there explicitly" in message
