@@ -1,0 +1,91 @@
+"""The parts of the Cinder form that need no Cinder: option routing, naming, mount flags."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from oslo_config import cfg
+
+from remotefs_aa import exception
+from remotefs_aa.drivers import cinder_caller
+from remotefs_aa.drivers.glusterfs import GlusterfsDriver
+from remotefs_aa.drivers.remotefs import RemoteFSDriver
+from remotefs_aa.objects import Volume
+from tests.unit.fakes import make_conf
+
+
+class BackendConfiguration:
+    """What Cinder's per-backend Configuration answers: its section, then [backend_defaults]."""
+
+    config_group = "rfsaa-1"
+
+    def __init__(self, **values):
+        self.values = values
+
+    def __getattr__(self, name):
+        if name in self.values:
+            return self.values[name]
+        raise cfg.NoSuchOptError(name, self.config_group)
+
+
+def test_backend_options_come_from_the_backend_the_rest_from_the_service():
+    service = make_conf()
+    service.set_override("reserved_percentage", 50)  # [DEFAULT]: never a backend's
+    backend = BackendConfiguration(reserved_percentage=7, glusterfs_mount_attempts=2)
+    conf = cinder_caller.CinderConf(backend, service, host="h@rfsaa-1", cluster="aa@rfsaa-1")
+    assert conf.reserved_percentage == 7 and conf["glusterfs_mount_attempts"] == 2
+    assert conf.state_path == service.state_path
+    assert conf.coordination.heartbeat == service.coordination.heartbeat
+    assert conf.privileged.allowed_paths == service.privileged.allowed_paths
+    assert (conf.host, conf.cluster, conf.config_group) == ("h@rfsaa-1", "aa@rfsaa-1", "rfsaa-1")
+    with pytest.raises(cfg.NoSuchOptError):
+        conf.nfs_mount_options  # noqa: B018 - a backend option the backend lacks
+
+
+def test_importing_the_caller_module_does_not_import_cinder():
+    assert "cinder" not in sys.modules
+
+
+class Migrated:
+    """A Cinder volume after a migration: its files keep the other volume's id."""
+
+    id = "aaaaaaaa-0000-0000-0000-000000000001"
+    name_id = "bbbbbbbb-0000-0000-0000-000000000002"
+    name = f"volume-{name_id}"
+    size = 1
+    provider_location = "/share"
+
+
+def test_files_are_named_by_volume_name_not_by_id():
+    assert RemoteFSDriver.chain_id(Migrated()) == Migrated.name_id
+    assert RemoteFSDriver.chain_id(Volume(id="v1")) == "v1"
+
+    class OtherTemplate(Migrated):
+        name = "vol_" + Migrated.name_id
+
+    with pytest.raises(exception.InvalidVolume, match="volume_name_template 'volume-%s'"):
+        RemoteFSDriver.chain_id(OtherTemplate())
+
+
+def test_connection_options_are_mount_flags_and_the_mount_base_is_given(tmp_path):
+    conf = make_conf()
+    conf.set_override("state_path", str(tmp_path))
+    driver = GlusterfsDriver(conf, host="h")
+    driver._share_info = {}
+    flags = driver.share_options("gh:/gv0")
+    assert flags.startswith("-o entry-timeout=0,attribute-timeout=0,")
+    info = driver._connection("gh:/gv0", "volume-x.s1", "qcow2")
+    assert info["data"]["options"] == flags and info["mount_point_base"] == str(tmp_path / "mnt")
+    conf.set_override("glusterfs_mount_options", "")
+    assert driver.share_options("gh:/gv0") is None
+
+
+def test_a_cluster_name_is_checked_against_the_providers_reach():
+    from remotefs_aa import coordination
+    from remotefs_aa.coordination.local import LocalLockProvider
+
+    service = make_conf(lock_provider="local")
+    conf = cinder_caller.CinderConf(BackendConfiguration(), service, "h@b", "aa@b")
+    with pytest.raises(exception.HostLocalLockProvider, match="'aa@b'"):
+        coordination.check_cluster_safety(conf, LocalLockProvider(conf))
