@@ -207,15 +207,16 @@ class MountedShareDriver(RemoteFSDriver):
 
     def _decide_secure(self, share: str) -> None:
         """Resolve 'auto' for nas_secure_file_operations / _permissions on ``share``."""
-        ops = str(self.conf.nas_secure_file_operations).lower()
-        perms = str(self.conf.nas_secure_file_permissions).lower()
+        ops = str(self.conf.nas_secure_file_operations).strip().lower()
+        perms = str(self.conf.nas_secure_file_permissions).strip().lower()
         if "auto" in (ops, perms):
             path = self.share_path(share)
             indicator = os.path.join(path, SECURE_INDICATOR)
             text = self.io.read_text(indicator)
-            if text is None:
-                # A share Cinder's NFS driver used: keep what it decided.
-                text = self.io.read_text(os.path.join(path, CINDER_SECURE_INDICATOR))
+            cinders = os.path.join(path, CINDER_SECURE_INDICATOR)
+            if text is None and self.io.read_text(cinders) is not None:
+                # A share Cinder's NFS driver made secure: its file says so by existing.
+                text = "true"
             if text is None:
                 files = self.io.list_directory(path)
                 fresh = not any(n.startswith("volume-") for n in files)

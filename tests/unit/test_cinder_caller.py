@@ -89,3 +89,47 @@ def test_a_cluster_name_is_checked_against_the_providers_reach():
     conf = cinder_caller.CinderConf(BackendConfiguration(), service, "h@b", "aa@b")
     with pytest.raises(exception.HostLocalLockProvider, match="'aa@b'"):
         coordination.check_cluster_safety(conf, LocalLockProvider(conf))
+
+
+class ShareIO:
+    """A share's files for the 'auto' decision: read, list, create-if-absent."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files
+
+    def read_text(self, path):
+        return self.files.get(path.rsplit("/", 1)[1])
+
+    def list_directory(self, path):
+        return {name: len(text) for name, text in self.files.items()}
+
+    def replace_text_if(self, path, data, expected, **kwargs):
+        assert expected is None and path.rsplit("/", 1)[1] not in self.files
+        self.files[path.rsplit("/", 1)[1]] = data
+
+
+@pytest.mark.parametrize(
+    ("files", "secure"),
+    [
+        ({}, True),  # a new share
+        ({"volume-1": ""}, False),  # a share with volumes, never decided
+        ({"volume-1": "", ".cinderSecureEnvIndicator": ""}, True),  # Cinder made it secure
+        ({"volume-1": "", ".remotefs_aaSecureEnvIndicator": "true\n"}, True),
+    ],
+)
+def test_secure_auto_is_decided_by_the_share_and_keeps_cinders_decision(tmp_path, files, secure):
+    from remotefs_aa.drivers.nfs import NfsDriver
+
+    conf = make_conf()
+    conf.set_override("state_path", str(tmp_path))
+    io = ShareIO(dict(files))
+    driver = NfsDriver(conf, host="h", io=io)
+    driver._decide_secure("server:/export")
+    assert driver.secure("server:/export") == (secure, secure)
+    # Decided once: remembered in the share (unless Cinder's file already says it).
+    ours = io.files.get(".remotefs_aaSecureEnvIndicator")
+    assert (
+        ours is None
+        if ".cinderSecureEnvIndicator" in files
+        else ours.strip() == str(secure).lower()
+    )
