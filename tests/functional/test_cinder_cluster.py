@@ -18,10 +18,14 @@ file:
 
 Each volume's and snapshot's expected data is recorded in the shared
 database; afterwards every chain is verified and every volume and snapshot
-read back. Then one host is killed with SIGKILL in the middle of a clone
-(while a delete of the clone's source waits for Cinder's lock), and the other
-host's ``do_cleanup`` errors the half-made clone and finishes the delete;
-nothing else is lost.
+read back. The same workload without our locks must fail.
+
+Then (a test of its own, after a short workload for bystanders) one host is
+killed with SIGKILL in the middle of a clone, while a snapshot of the clone's
+source waits for that source's lock in the driver: both are claimed by the
+dead host in the workers table. The other host's ``do_cleanup`` errors them,
+deleting them removes what the clone had written, and every other volume and
+snapshot is intact.
 
 Every server runs in the GlusterFS volume's network namespace, on its
 loopback; this test stops them by PID.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -48,7 +53,7 @@ pytestmark = pytest.mark.functional
 
 DRIVER = "remotefs_aa.drivers.glusterfs.GlusterfsDriver"
 BACKEND = "gl"
-ROUNDS = 3
+ROUNDS = 2
 OPS_SECONDS = 5.0
 #: host-a under eventlet, host-b with native threads.
 HOSTS = (("host-a", "eventlet"), ("host-b", "threading"))
@@ -67,9 +72,23 @@ def gl():
     volume = gluster.GlusterVolume(work)
     try:
         volume.start()
+        volume.mount(os.path.join(work, "mnt"))  # the tests' own view, for wiping it
         yield volume
     finally:
         volume.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def empty_volume(gl):
+    """Each test starts on an empty GlusterFS volume (its own database knows no older file)."""
+    root = gl.mounts[0]
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    yield
 
 
 def _server(kind: str, gl, tmp_path_factory):
@@ -182,7 +201,9 @@ class Control:
             time.sleep(0.05)
 
 
-def _workload(gl, configs: list[str], tmp_path) -> list[dict]:
+def _workload(
+    gl, configs: list[str], tmp_path, rounds: int = ROUNDS, seconds: float = OPS_SECONDS
+) -> list[dict]:
     control = Control(str(tmp_path / "control.json"), len(configs))
     procs = [
         _start(
@@ -203,9 +224,9 @@ def _workload(gl, configs: list[str], tmp_path) -> list[dict]:
     ]
     try:
         round_ = 0
-        for _ in range(ROUNDS):
-            control.set(round_, "ops", seconds=OPS_SECONDS)
-            control.wait_done(round_, procs, OPS_SECONDS + 60)
+        for _ in range(rounds):
+            control.set(round_, "ops", seconds=seconds)
+            control.wait_done(round_, procs, seconds + 60)
             round_ += 1
             control.set(round_, "guest")
             control.wait_done(round_, procs, 60)
@@ -219,7 +240,7 @@ def _workload(gl, configs: list[str], tmp_path) -> list[dict]:
                 proc.wait()
 
 
-def _check_workload(results: list[dict]) -> None:
+def _check_workload(results: list[dict], minimum: int = 2) -> None:
     errors = [e for r in results for e in r["errors"]]
     assert errors == [], "\n".join(errors[:10])
     by_op: dict[str, int] = {}
@@ -230,17 +251,33 @@ def _check_workload(results: list[dict]) -> None:
         "two hosts:", [r["ops"] for r in results], "operations;", by_op,
         "; refused", sum(r["refused"] for r in results),
         "; lost a Cinder API race", sum(len(r.get("raced", [])) for r in results),
+        "; refused while the lock backend was away",
+        sum(len(r.get("backend_unavailable", [])) for r in results),
     )  # fmt: skip
     assert [r["patched"] for r in results] == [True, False]
     assert min(r["ops"] for r in results) >= 5, results
     for op in ("snapshot", "delete_snapshot", "clone", "guest write"):
-        assert by_op.get(op, 0) >= 2, by_op
+        assert by_op.get(op, 0) >= minimum, by_op
+
+
+def _lock_url(kind: str, server) -> str:
+    """The backend URL; ZooKeeper with kazoo's default 10 s session here.
+
+    The servers module asks for 4 s sessions, to measure takeovers quickly.
+    This workload measures none, and on a loaded 2-core machine a
+    monkey-patched host whose hub is busy for ~1.3 s (a third of 4 s) misses
+    a ping: kazoo suspends the session and every lock wait fails (safely,
+    the operation errors out untouched), which is not what this test is about.
+    """
+    if kind == "zookeeper":
+        return server.url.split("?", 1)[0] + "?timeout=10"
+    return server.url
 
 
 def test_two_cinder_hosts_in_one_cluster_keep_every_chain(gl, mariadb, locks, tmp_path):
     kind, server = locks
     started = time.monotonic()
-    configs = _configs(gl, tmp_path, _database(gl, mariadb), server.url)
+    configs = _configs(gl, tmp_path, _database(gl, mariadb), _lock_url(kind, server))
     try:
         results = _workload(gl, configs, tmp_path)
         _check_workload(results)
@@ -248,12 +285,27 @@ def test_two_cinder_hosts_in_one_cluster_keep_every_chain(gl, mariadb, locks, tm
         print(f"{kind}: verified {report['checked']} in {report['seconds']} s")
         assert report["problems"] == [], "\n".join(report["problems"][:10])
         assert report["checked"]["volumes"] >= 2 and report["checked"]["snapshots"] >= 1
-        if kind == "redis":
-            _kill_one_host_mid_operation(gl, configs, server)
     finally:
         _unmount_under(str(tmp_path))
     elapsed = time.monotonic() - started
     print(f"{kind}: scenario took {elapsed:.1f} s")
+
+
+def test_a_host_killed_mid_operation_is_cleaned_up_by_the_other(
+    gl, mariadb, tmp_path_factory, tmp_path
+):
+    """SIGKILL host-a mid-clone; host-b's do_cleanup errors its work; nothing is lost."""
+    server = _server("redis", gl, tmp_path_factory)
+    started = time.monotonic()
+    try:
+        configs = _configs(gl, tmp_path, _database(gl, mariadb), server.url)
+        # Bystanders: volumes and snapshots the kill must not touch.
+        _check_workload(_workload(gl, configs, tmp_path, rounds=1, seconds=3.0), minimum=0)
+        _kill_one_host_mid_operation(gl, configs, server)
+    finally:
+        _unmount_under(str(tmp_path))
+        server.cleanup()
+    print(f"kill and cleanup: scenario took {time.monotonic() - started:.1f} s")
 
 
 def test_without_our_locks_the_cluster_workload_fails(gl, mariadb, tmp_path_factory, tmp_path):
@@ -277,8 +329,9 @@ def test_without_our_locks_the_cluster_workload_fails(gl, mariadb, tmp_path_fact
 
 
 def _kill_one_host_mid_operation(gl, configs: list[str], server) -> None:
-    """SIGKILL host-a mid-clone; host-b's do_cleanup errors its work; nothing is lost."""
-    source = _run(gl, "fill", configs[0], "--size", "1")["volume"]
+    filled = _run(gl, "fill", configs[0], "--size", "1")
+    source = filled["volume"]
+    print(f"filled a 1 GiB volume half full in {filled['seconds']} s")
     victim = _start(gl, "victim", configs[0], "--volume", source)
     lines: list[dict] = []
 
@@ -297,6 +350,7 @@ def _kill_one_host_mid_operation(gl, configs: list[str], server) -> None:
     time.sleep(0.3)
     finished = [x for x in lines if "clone finished" in x or "snapshot finished" in x]
     assert not finished, f"work ended before the kill: {finished}; clone a larger volume"
+    print(f"victim cloning and snapshotting; killed {time.monotonic() - deadline + 60:.1f} s in")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     reader.join(timeout=10)
