@@ -270,7 +270,8 @@ def write_config(workdir: str, share: str, share_root: str) -> str:
     with open(path, "w") as f:
         f.write(
             f"[DEFAULT]\nstate_path = {workdir}/state\nlocal_shares = {share}\n"
-            f"[privileged]\nmode = privsep\nroot_helper =\nallowed_paths = {workdir},{share_root}\n"
+            "[privileged]\nmode = privsep\nroot_helper =\n"
+            f"allowed_paths = {workdir}/state,{share_root}\n"
         )
     return path
 

@@ -17,12 +17,12 @@ through these paths:
 
 a. ``direct``: ``subprocess.run`` from this (root) process, the floor; for the
    no-op a plain Python function call;
-b. ``ours``: our privsep daemon (a ``LeanContext`` started by
-   ``remotefs-aa-privsep-helper``, see ``remotefs_aa/privsep/lean.py``) running
-   the command with ``runner.run``; the no-op is ``remotefs_aa.privsep.files.ping()``;
-f. ``stock transport``: a stock oslo.privsep context and ``privsep-helper``
-   daemon running the same ``runner.run``: what the lean transport saves;
-c. ``stock privsep``: that stock daemon running the command with oslo.concurrency's
+b. ``ours``: an oslo.privsep daemon (our transport is oslo.privsep's own) running
+   the command with ``runner.run``, the code path of our qemu entrypoints; the
+   no-op is ``remotefs_aa.privsep.files.ping()`` through our real file context
+   and helper (``remotefs-aa-privsep-helper``, which serves only our own
+   contexts, so the command-running one is started by ``privsep-helper``);
+c. ``stock privsep``: that daemon running the command with oslo.concurrency's
    ``processutils.execute``, as most OpenStack privsep entrypoints do;
 d. ``rootwrap daemon``: stock ``oslo-rootwrap-daemon`` started with sudo, through
    ``oslo_rootwrap.client.Client``;
@@ -65,8 +65,7 @@ from oslo_privsep import priv_context
 
 from benchmarks._common import machine_header, machine_meta, percentile, publish, render_table
 from remotefs_aa import opts, privsep
-from remotefs_aa.privsep import files, runner
-from remotefs_aa.privsep.lean import HELPER_NAME, LeanContext
+from remotefs_aa.privsep import HELPER_NAME, files, runner
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -94,11 +93,10 @@ WORKLOAD_TITLES = {
     "qemu-img": "qemu-img --version",
     "noop": "no-op (no process: call overhead / daemon round trip only)",
 }
-PATHS = ("direct", "ours", "stock-transport", "stock-privsep", "rootwrap-daemon", "sudo-rootwrap")
+PATHS = ("direct", "ours", "stock-privsep", "rootwrap-daemon", "sudo-rootwrap")
 PATH_LABELS = {
     "direct": "a direct subprocess.run",
-    "ours": "b ours: lean privsep + runner.run",
-    "stock-transport": "f stock privsep + runner.run",
+    "ours": "b ours: privsep + runner.run",
     "stock-privsep": "e stock: privsep + processutils",
     "rootwrap-daemon": "c stock oslo-rootwrap-daemon",
     "sudo-rootwrap": "d sudo oslo-rootwrap per call",
@@ -106,7 +104,6 @@ PATH_LABELS = {
 NOOP_LABELS = {
     "direct": "a direct Python call",
     "ours": "b ours: files.ping()",
-    "stock-transport": "f stock privsep no-op",
 }
 
 #: Goals for /bin/true, judged on the ratio of medians.
@@ -115,21 +112,13 @@ GOAL_SUDO_SPEEDUP = 80.0
 
 COMMAND_TIMEOUT = 60.0
 
-#: The benchmark's own privsep contexts, with the capabilities of the real
-#: file context (the one qemu-img runs in): one like ours (lean transport,
-#: our helper), one stock (oslo.privsep's transport and privsep-helper).
+#: The benchmark's own privsep context, with the capabilities of the real file
+#: context (the one qemu-img runs in); started by oslo.privsep's privsep-helper.
 BENCH_SECTION = "remotefs_aa_benchmark_privsep"
-bench_pctxt = LeanContext(
+bench_pctxt = priv_context.PrivContext(
     "benchmarks",
     cfg_section=BENCH_SECTION,
     pypath=__name__ + ".bench_pctxt",
-    capabilities=privsep.FILES_CAPS,
-)
-STOCK_SECTION = "remotefs_aa_benchmark_stock_privsep"
-stock_pctxt = priv_context.PrivContext(
-    "benchmarks",
-    cfg_section=STOCK_SECTION,
-    pypath=__name__ + ".stock_pctxt",
     capabilities=privsep.FILES_CAPS,
 )
 
@@ -150,20 +139,7 @@ def run_with_runner(command: str) -> str:
     return out
 
 
-@stock_pctxt.entrypoint
-def stock_run_with_runner(command: str) -> str:
-    """Path f: ``runner.run`` in a stock oslo.privsep daemon."""
-    _rc, out, _err = runner.run(COMMANDS[command], timeout=COMMAND_TIMEOUT)
-    return out
-
-
-@stock_pctxt.entrypoint
-def stock_noop() -> bool:
-    """The stock transport's bare round trip."""
-    return True
-
-
-@stock_pctxt.entrypoint
+@bench_pctxt.entrypoint
 def run_with_processutils(command: str) -> str:
     """Path e: what a stock privsep entrypoint does, ``processutils.execute``."""
     out, _err = processutils.execute(*COMMANDS[command])
@@ -173,12 +149,6 @@ def run_with_processutils(command: str) -> str:
 @bench_pctxt.entrypoint
 def daemon_pid() -> int:
     """The daemon's pid, so that it can be checked to be gone at the end."""
-    return os.getpid()
-
-
-@stock_pctxt.entrypoint
-def stock_daemon_pid() -> int:
-    """The stock daemon's pid, likewise."""
     return os.getpid()
 
 
@@ -252,7 +222,7 @@ def start_privsep(service_conf: str) -> None:
     privsep.register_opts(conf)
     conf(["--config-file", service_conf], project="remotefs_aa", default_config_files=[])
     privsep.init(conf)
-    for ctx, helper in ((bench_pctxt, HELPER_NAME), (stock_pctxt, "privsep-helper")):
+    for ctx, helper in ((bench_pctxt, "privsep-helper"),):
         command = shlex.join(
             [
                 "env",
@@ -284,7 +254,7 @@ def stop_privsep(pids: list[int]) -> None:
     """Close the channels (the daemons exit on EOF) and make sure they did."""
     with contextlib.suppress(Exception):
         privsep.stop()
-    for ctx in (bench_pctxt, stock_pctxt):
+    for ctx in (bench_pctxt,):
         if ctx.channel is not None:
             with contextlib.suppress(Exception):
                 ctx.stop()
@@ -350,13 +320,11 @@ def build_variants(client: Any, rootwrap_conf: str) -> dict[Variant, Callable[[]
     for name, argv in COMMANDS.items():
         variants[name, "direct"] = _direct(argv)
         variants[name, "ours"] = lambda name=name: run_with_runner(name)
-        variants[name, "stock-transport"] = lambda name=name: stock_run_with_runner(name)
         variants[name, "stock-privsep"] = lambda name=name: run_with_processutils(name)
         variants[name, "rootwrap-daemon"] = _rootwrap(client, argv)
         variants[name, "sudo-rootwrap"] = _sudo(rootwrap_conf, argv)
     variants["noop", "direct"] = _noop
     variants["noop", "ours"] = files.ping
-    variants["noop", "stock-transport"] = stock_noop
     return variants
 
 
@@ -375,14 +343,9 @@ def measure_startup(client: Any) -> dict[str, dict[str, Any]]:
             "variant": ("noop", "ours"),
         },
         "privsep (benchmark ctx)": {
-            "started_by": f"env PYTHONPATH=... {HELPER_NAME}, no sudo",
+            "started_by": "env PYTHONPATH=... privsep-helper, no sudo",
             "first_call_us": _timed(lambda: run_with_runner("true")),
             "variant": ("true", "ours"),
-        },
-        "stock privsep (benchmark ctx)": {
-            "started_by": "env PYTHONPATH=... privsep-helper, no sudo",
-            "first_call_us": _timed(stock_noop),
-            "variant": ("noop", "stock-transport"),
         },
         "oslo-rootwrap-daemon": {
             "started_by": "sudo",
@@ -544,7 +507,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("run this benchmark as root (it starts root daemons)")
     with environment() as (client, rootwrap_conf, pids):
         startup = measure_startup(client)
-        pids += [files.daemon_info()["pid"], daemon_pid(), stock_daemon_pid()]
+        pids += [files.daemon_info()["pid"], daemon_pid()]
         print("daemons up; measuring", flush=True)
         variants = build_variants(client, rootwrap_conf)
         raw = run_interleaved(

@@ -36,6 +36,10 @@ class InvalidConfig(RemoteFSAAError):
         return f"invalid value {self.value!r} for option {self.option}: {self.reason}"
 
 
+class UsageError(RemoteFSAAError):
+    """The command line asks for something that cannot be done; nothing was started (exit 2)."""
+
+
 class PluginNotFound(RemoteFSAAError):
     """A configured driver or lock provider name matches no installed plugin."""
 
@@ -102,6 +106,29 @@ class LockBusy(LockAcquireFailed):
 
 class LockBackendUnavailable(LockAcquireFailed):
     """The lock backend cannot be reached; the provider is reconnecting."""
+
+
+class LeaseExpired(LockError):
+    """A locked operation's lease ran out (or its lock was lost); the step did not run.
+
+    Raised by the service before it sends a step, and by the privileged
+    daemon, which also ends a running child when the deadline passes. A
+    frozen or cut-off service stops here instead of changing a chain that
+    another host may already own.
+    """
+
+    def __init__(self, locks: str, step: str, reason: str) -> None:
+        super().__init__(locks, step, reason)
+        self.locks = locks
+        self.step = step
+        self.reason = reason
+
+    def message(self) -> str:
+        return (
+            f"fenced: lock {self.locks} no longer surely ours, so {self.step} was refused "
+            f"or stopped ({self.reason}). Another service may hold the lock now; the next "
+            f"operation on the volume finishes or rolls back what this one left. Retry it"
+        )
 
 
 class LockProviderStartFailed(LockError):
@@ -195,7 +222,8 @@ class InvalidInfoFile(_FileRefused):
 
     template = (
         "snapshot info file {path} is unusable: {reason}. No file was changed; "
-        "repair or restore the .info file (see doc/chains.md) and retry."
+        "repair or restore the .info file and retry: 'remotefs-aa volume repair VOLUME' "
+        "rebuilds it from the images, showing the change first (doc/chains.md)."
     )
 
 

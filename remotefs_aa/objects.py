@@ -19,6 +19,9 @@ class Volume:
     provider_location: str | None = None
     status: str = "creating"
     display_name: str | None = None
+    #: Why the volume could not be read, when a listing found it unreadable
+    #: (status ``error``); drivers never read it.
+    error: str | None = None
 
     @property
     def name_id(self) -> str:

@@ -84,6 +84,24 @@ coordination_opts = [
         "etcd). No heartbeat thread runs for backends that do not need one.",
     ),
     cfg.FloatOpt(
+        "lease_margin",
+        min=0.0,
+        help="Seconds taken off a lock's lease when computing until when it is "
+        "surely still ours (its fencing deadline: the send time of the last "
+        "confirmed renewal + the backend's lock expiry - this margin). Covers "
+        "clock-rate differences and the time the privileged daemon needs to end "
+        "a step. Unset: max(0.5, a tenth of the expiry). See doc/locking.md.",
+    ),
+    cfg.FloatOpt(
+        "connect_timeout",
+        default=5.0,
+        min=0.1,
+        help="Seconds a connection attempt to the lock backend may take (at start "
+        "and on each reconnect) before it counts as failed. Client libraries wait "
+        "far longer on their own: kazoo 10 s with a retry warning each time, "
+        "redis-py on an unanswering address until TCP gives up.",
+    ),
+    cfg.FloatOpt(
         "initial_reconnect_backoff",
         default=0.1,
         min=0.001,

@@ -27,12 +27,32 @@ if (( want_test )); then
         need "$p"
     done
 fi
+if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+
+# apt-get, finishing a package configuration an earlier run left interrupted
+# (a killed apt, a full disk): apt then refuses everything with "dpkg was
+# interrupted, you must manually run 'dpkg --configure -a'". That is what it
+# asks for and this script runs as root anyway, so do it, say so, retry once.
+apt_get() {
+    local log rc=0
+    log=$(mktemp)
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "$@" 2>"$log" || rc=$?
+    if (( rc )) && grep -q "dpkg --configure -a" "$log"; then
+        echo "bootstrap: an earlier package installation was interrupted; running" \
+            "'dpkg --configure -a' as apt asks, then retrying" >&2
+        DEBIAN_FRONTEND=noninteractive $SUDO dpkg --configure -a
+        rc=0
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get "$@" 2>"$log" || rc=$?
+    fi
+    cat "$log" >&2
+    rm -f "$log"
+    return "$rc"
+}
+
 if (( ${#packages[@]} )); then
-    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
     echo "bootstrap: installing ${packages[*]}" >&2
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-        "${packages[@]}" >/dev/null
+    apt_get update -qq
+    apt_get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

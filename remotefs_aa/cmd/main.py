@@ -6,15 +6,20 @@ Global options (``--config-file``, ``--config-dir``, ``--debug``,
     remotefs-aa --config-file /etc/remotefs_aa/remotefs_aa.conf lock check
     remotefs-aa lock run volume-42 -- qemu-img info /srv/share/volume-42
 
-Exit codes: the wrapped command's own status for ``lock run``; otherwise 0 on
-success, 1 on an operational failure, 2 on bad usage, 69 when the lock
-backend is unreachable, 75 when a lock is busy or timed out, 78 on a bad
-configuration (the sysexits.h meanings).
+Exit codes say what to fix (README, "Exit codes"): the wrapped command's own
+status for ``lock run``; otherwise 0 on success, 1 when the operation failed on
+the object it names, 2 on bad usage, 69 when the lock backend is unreachable,
+75 when a lock is busy or timed out, 78 on a configuration the service refuses
+wherever it is found (the sysexits.h meanings). Errors go to stderr, one line; with
+``--format json`` that line is ``{"error": ..., "exit_code": ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import itertools
 import json
 import logging
 import os
@@ -68,14 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     lock = commands.add_parser("lock", help="use the configured lock provider")
     lock_cmds = lock.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
 
-    run = lock_cmds.add_parser(
-        "run",
-        help="run a command while holding a named lock (flock(1) across hosts)",
-        description="Take lock NAME from the configured provider, run COMMAND, "
-        "release the lock, and exit with COMMAND's status.",
-    )
-    run.add_argument("name", metavar="NAME", help="lock name (prefixed with remotefs_aa-)")
-    run.add_argument(
+    # lock run's options also parse when given after NAME (see _lock_run_options).
+    run_opts = argparse.ArgumentParser(prog="remotefs-aa lock run", add_help=False)
+    run_opts.add_argument(
         "-w",
         "--timeout",
         type=float,
@@ -83,13 +83,28 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up after this long (exit 75); default: [coordination] lock_acquire_timeout",
     )
-    run.add_argument(
+    run_opts.add_argument(
         "-n", "--nonblock", action="store_true", help="fail at once (exit 75) if the lock is held"
     )
+    run_opts.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="json: errors as one JSON line on stderr (COMMAND's output is its own)",
+    )
+    run = lock_cmds.add_parser(
+        "run",
+        parents=[run_opts],
+        help="run a command while holding a named lock (flock(1) across hosts)",
+        description="Take lock NAME from the configured provider, run COMMAND, "
+        "release the lock, and exit with COMMAND's status. Options may come "
+        "before or after NAME; COMMAND comes after --.",
+    )
+    run.add_argument("name", metavar="NAME", help="lock name (prefixed with remotefs_aa-)")
     run.add_argument(
         "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...", help="the command to run"
     )
-    run.set_defaults(func=cmd_lock_run)
+    run.set_defaults(func=cmd_lock_run, own_options=run_opts)
 
     check = lock_cmds.add_parser(
         "check",
@@ -150,8 +165,7 @@ def cmd_lock_run(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        print("remotefs-aa lock run: no COMMAND given after --", file=sys.stderr)
-        return EX_USAGE
+        raise exception.UsageError("lock run: no COMMAND given after --")
     provider = coordination.start(conf)
     try:
         with coordination.locked(
@@ -161,18 +175,46 @@ def cmd_lock_run(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             provider=provider,
             purpose=f"lock run {argv[0]}",
         ):
-            return _run_forwarding_signals(argv)
+            return _run_forwarding_signals(args, argv)
+    except exception.LockTimeout as exc:
+        if args.timeout is None:
+            raise  # the wait came from [coordination] lock_acquire_timeout, as the error says
+        raise exception.LockTimeout(
+            exc.name,
+            f"timed out after -w {args.timeout:g} s; another operation still holds it. "
+            f"Retry later or give -w a longer wait",
+        ) from None
     finally:
         coordination.stop()
 
 
-def _run_forwarding_signals(argv: list[str]) -> int:
+def _lock_run_options(args: argparse.Namespace) -> None:
+    """Parse ``lock run NAME [OPTIONS] -- COMMAND``'s OPTIONS as ours, not as COMMAND.
+
+    argparse hands everything after NAME to the REMAINDER argument, so
+    ``lock run job --format json -- true`` would run ``--format``. What comes
+    before the ``--`` is parsed with lock run's own options; without a ``--``
+    a leading option is an error, since COMMAND could not be told apart.
+    """
+    own_options = getattr(args, "own_options", None)
+    argv = list(getattr(args, "argv", []))
+    if own_options is None or not argv or argv[0] == "--" or not argv[0].startswith("-"):
+        return
+    if "--" not in argv:
+        _, rest = own_options.parse_known_args(argv, namespace=args)
+        own_options.error(f"give COMMAND after --: lock run NAME [OPTIONS] -- {' '.join(rest)}")
+    end = argv.index("--")
+    own_options.parse_args(argv[:end], namespace=args)
+    args.argv = argv[end:]
+
+
+def _run_forwarding_signals(args: argparse.Namespace, argv: list[str]) -> int:
     """Run ``argv``; SIGINT/SIGTERM go to it, and the lock outlives it."""
     try:
         child = subprocess.Popen(argv)
     except OSError as exc:
-        print(f"remotefs-aa lock run: cannot run {argv[0]!r}: {exc}", file=sys.stderr)
-        return 127 if isinstance(exc, FileNotFoundError) else 126
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        return report_error(args, f"lock run: cannot run {argv[0]!r}: {exc}", code)
 
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signum)
@@ -189,8 +231,7 @@ def _run_forwarding_signals(argv: list[str]) -> int:
 def cmd_lock_check(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     """Start the provider, time acquire+release, report the backend's traits."""
     if args.rounds < 1:
-        print("remotefs-aa lock check: --rounds must be at least 1", file=sys.stderr)
-        return EX_USAGE
+        raise exception.UsageError("lock check: --rounds must be at least 1")
     provider = coordination.load_provider(conf)
     coordination.check_cluster_safety(conf, provider)
     t0 = time.perf_counter()
@@ -221,6 +262,7 @@ def cmd_lock_check(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             "acquire_release_median_ms": round(statistics.median(samples), 3),
             "acquire_release_max_ms": round(max(samples), 3),
         }
+        coordination.clean(name, provider=provider)  # one name per run: it would pile up
     finally:
         provider.stop()
     if args.format == "json":
@@ -252,35 +294,80 @@ def cmd_lock_check(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     return 0 if owner else EX_FAILURE
 
 
+def report_error(args: argparse.Namespace, message: str, code: int) -> int:
+    """Print one error line on stderr (JSON with ``--format json``); return ``code``."""
+    if getattr(args, "format", None) == "json":
+        print(json.dumps({"error": message, "exit_code": code}), file=sys.stderr)
+    else:
+        print(f"remotefs-aa: {message}", file=sys.stderr)
+    return code
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """``--format json`` among our own arguments (not in ``lock run``'s COMMAND)."""
+    own = list(argv)[: list(argv).index("--")] if "--" in argv else list(argv)
+    return "--format=json" in own or ("--format", "json") in itertools.pairwise(own)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parse_args``, with argparse's usage error as one JSON line when JSON was asked for."""
+    if not _wants_json(argv):
+        args = parser.parse_args(argv)
+        _lock_run_options(args)
+        return args
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text):
+            args = parser.parse_args(argv)
+            _lock_run_options(args)
+            return args
+    except SystemExit as exc:
+        if not exc.code:
+            raise
+        lines = text.getvalue().strip().splitlines()
+        message = lines[-1].removeprefix("remotefs-aa ").strip() if lines else "bad usage"
+        report_error(argparse.Namespace(format="json"), message, EX_USAGE)
+        raise SystemExit(EX_USAGE) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parse(parser, argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EX_USAGE
     try:
         conf = load_config(args)
     except (exception.InvalidConfig, cfg.Error, ValueError) as exc:
-        print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return report_error(args, f"configuration error: {exc}", EX_CONFIG)
     _setup_logging(conf, args)
+    if args.command != "demo-worker":  # the demo already warned, once
+        for warning in service.unknown_options(conf):
+            LOG.warning("configuration: %s", warning)
     try:
         return args.func(conf, args)
+    except exception.UsageError as exc:
+        return report_error(args, str(exc), EX_USAGE)
     except (exception.LockBusy, exception.LockTimeout) as exc:
-        print(f"remotefs-aa: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
+        return report_error(args, str(exc), EX_TEMPFAIL)
     except (exception.LockBackendUnavailable, exception.LockProviderStartFailed) as exc:
-        print(f"remotefs-aa: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return report_error(args, str(exc), EX_UNAVAILABLE)
     except (
         exception.PluginNotFound,
         exception.PluginLoadFailed,
         exception.HostLocalLockProvider,
         exception.InvalidConfig,
     ) as exc:
-        print(f"remotefs-aa: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return report_error(args, f"configuration error: {exc}", EX_CONFIG)
     except exception.RemoteFSAAError as exc:
-        print(f"remotefs-aa: {exc}", file=sys.stderr)
-        return EX_FAILURE
+        return report_error(args, str(exc), EX_FAILURE)
+    except Exception as exc:
+        if getattr(args, "format", None) != "json":
+            raise  # a bug: the traceback is what to report
+        LOG.debug("unexpected error", exc_info=True)
+        return report_error(args, f"unexpected error: {type(exc).__name__}: {exc}", EX_FAILURE)
 
 
 if __name__ == "__main__":

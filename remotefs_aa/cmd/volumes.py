@@ -7,8 +7,9 @@ stops everything it started.
 
 ``demo`` is the main job: several worker processes, each with its own driver,
 run random snapshot create / delete / clone / create-from-snapshot / revert
-operations on the same volumes with a progress bar; then every chain and every
-byte is verified and the result printed.
+operations on the same volumes with a progress bar, through the driver's public
+methods and its own locks (remotefs_aa.workload); then every chain and every
+byte is verified against the history they wrote and the result printed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from remotefs_aa import exception, opts, service, workload
+from remotefs_aa import coordination, exception, opts, service, workload
 from remotefs_aa.cmd.tables import key_values, table
 from remotefs_aa.image.store import DirectoryImageService
 from remotefs_aa.objects import Snapshot, Volume
@@ -72,6 +73,23 @@ def add_parsers(commands: Any) -> None:
     p.set_defaults(func=cmd_volume_show)
     p = vcmds.add_parser("list", parents=[fmt], help="volumes on the configured shares")
     p.set_defaults(func=cmd_volume_list)
+    p = vcmds.add_parser(
+        "repair",
+        parents=[fmt],
+        help="rebuild a volume's .info file from its images (shows the change; --yes writes)",
+        description="Read the headers of the volume's images under its lock, rebuild "
+        "the .info file they imply and show the change. Nothing is written without "
+        "--yes; a chain the files do not make unambiguous is refused (doc/chains.md).",
+    )
+    p.add_argument("volume")
+    p.add_argument(
+        "--base-format",
+        choices=("raw", "qcow2"),
+        help="the base image's format (default: the current .info file's if it parses, "
+        "else the configured one); never probed",
+    )
+    p.add_argument("--yes", action="store_true", help="write the rebuilt file")
+    p.set_defaults(func=cmd_volume_repair)
 
     snapshot = commands.add_parser("snapshot", help="create, delete, revert to snapshots")
     scmds = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
@@ -104,9 +122,11 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("--keep", action="store_true", help="keep the volumes afterwards")
     p.set_defaults(func=cmd_demo)
 
-    p = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
-    p.add_argument("--registry", action="append", required=True)
-    p.add_argument("--derived", required=True)
+    # No help=: argparse lists a sub-command given help=SUPPRESS as "==SUPPRESS==".
+    p = commands.add_parser("demo-worker")
+    p.add_argument("--workspace", required=True, help="the workload's directory (history, catalog)")
+    p.add_argument("--index", type=int, required=True, help="this worker's number, from 0")
+    p.add_argument("--workers", type=int, required=True, help="how many workers run")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--operations", type=int, default=None)
     p.add_argument("--duration", type=float, default=None)
@@ -120,7 +140,8 @@ def _emit(args: argparse.Namespace, result: dict, rows: list[tuple[str, Any]]) -
     if args.format == "json":
         print(json.dumps(result, indent=2, sort_keys=True))
         return
-    print(key_values(rows))
+    # true/false as in the JSON, not Python's True/False.
+    print(key_values([(k, str(v).lower() if isinstance(v, bool) else v) for k, v in rows]))
 
 
 # -- single operations ------------------------------------------------------------
@@ -143,7 +164,7 @@ def _timed(call: Any) -> tuple[Any, float]:
 
 def cmd_volume_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     if args.image_format and not args.image:
-        raise exception.VolumeError("--image-format applies only with --image FILE")
+        raise exception.UsageError("volume create: --image-format applies only with --image FILE")
     with service.running(conf) as driver:
         vol = Volume(size=args.size) if not args.id else Volume(id=args.id, size=args.size)
         if args.clone:
@@ -153,7 +174,7 @@ def cmd_volume_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         elif args.from_snapshot:
             src_id, _, snap_id = args.from_snapshot.partition(":")
             if not snap_id:
-                raise exception.InvalidSnapshot("--from-snapshot wants VOLUME:SNAPSHOT")
+                raise exception.UsageError("volume create: --from-snapshot wants VOLUME:SNAPSHOT")
             snap = Snapshot(_find(driver, src_id), id=snap_id)
             update, ms = _timed(lambda: driver.create_volume_from_snapshot(vol, snap))
             how = f"from snapshot {snap_id} of {src_id}"
@@ -222,6 +243,7 @@ def cmd_volume_delete(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         vol = _find(driver, args.volume)
         _, ms = _timed(lambda: driver.delete_volume(vol))
+        driver.clean_volume_file_locks(vol.id)  # as Cinder's manager does after a delete
     result = {"id": vol.id, "deleted": True, "ms": round(ms, 1)}
     _emit(args, result, list(result.items()))
     return 0
@@ -241,6 +263,7 @@ def cmd_volume_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         vol = _find(driver, args.volume)
         report = driver.verify_volume(vol, deep=args.deep)
+    order, latest = snapshot_order(report.get("chain", []), report.get("snapshots", {}))
     result = {
         "id": vol.id,
         "size_gib": vol.size,
@@ -248,6 +271,8 @@ def cmd_volume_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         "generation": report.get("generation"),
         "chain": report.get("chain", []),
         "snapshots": report.get("snapshots", {}),
+        "snapshot_order": order,
+        "latest_snapshot": latest,
         "problems": report["problems"],
     }
     if args.format == "json":
@@ -262,22 +287,121 @@ def cmd_volume_show(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                 ("share", vol.provider_location),
                 ("generation", result["generation"]),
                 ("chain (top first)", " -> ".join(result["chain"]) or "-"),
-                ("snapshots", ", ".join(result["snapshots"]) or "none"),
+                (
+                    "snapshots (oldest first)",
+                    ", ".join(f"{s} (latest)" if s == latest else s for s in order) or "none",
+                ),
                 ("verdict", "intact" if not result["problems"] else "; ".join(result["problems"])),
             ],
         )
     return 0 if not result["problems"] else 1
 
 
+def snapshot_order(chain: list[str], snapshots: dict[str, str]) -> tuple[list[str], str | None]:
+    """Snapshot ids oldest to newest, and the latest (the only one revert accepts).
+
+    ``snapshots[S]`` is the overlay made when S was taken, and overlays stack
+    in the order they were made, so walking the chain from the base up gives
+    the snapshots in the order they were taken; the latest is the one whose
+    overlay is the active image. Ids the .info file names outside the chain
+    (``volume show`` reports those as problems) come last.
+    """
+    by_file = {f: s for s, f in snapshots.items()}
+    order = [by_file[name] for name in reversed(chain) if name in by_file]
+    order += sorted(s for s in snapshots if s not in order)
+    latest = by_file.get(chain[0]) if chain else None
+    return order, latest
+
+
 def cmd_volume_list(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         vols = driver.list_volumes()
-    result = [{"id": v.id, "size_gib": v.size, "share": v.provider_location} for v in vols]
+    result = [
+        {
+            "id": v.id,
+            "size_gib": v.size,
+            "share": v.provider_location,
+            "status": "error" if v.error else "available",
+            "error": v.error,
+        }
+        for v in vols
+    ]
     if args.format == "json":
         print(json.dumps(result, indent=2))
     else:
-        print(table([[v["id"], v["size_gib"], v["share"]] for v in result], ["id", "GiB", "share"]))
-    return 0
+        rows = [[v["id"], v["size_gib"], v["share"], v["status"]] for v in result]
+        print(table(rows, ["id", "GiB", "share", "status"]))
+        for v in result:
+            if v["error"]:
+                print(f"volume {v['id']}: {v['error']}")
+    # Every volume is listed; exit 1 still tells a script that one needs repair.
+    return 1 if any(v["error"] for v in result) else 0
+
+
+def cmd_volume_repair(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+    """Plan (and with --yes write) a volume's .info file rebuilt from its images."""
+    from remotefs_aa.image import repair
+
+    with service.running(conf) as driver:
+        # Not _find: it reads the .info file, which is what is broken.
+        share = next(
+            (
+                s
+                for s in driver.shares
+                if f"volume-{args.volume}" in driver.io_for(s).list_directory(driver.share_path(s))
+            ),
+            None,
+        )
+        if share is None:
+            raise exception.VolumeNotFound(
+                f"volume {args.volume} is on none of the shares {', '.join(driver.shares)}"
+            )
+        chain = driver.chain(Volume(id=args.volume, size=0), share)
+        with coordination.locked(args.volume, purpose="volume repair"):
+            found = repair.plan(chain, args.base_format)
+            written = bool(args.yes and found.needed)
+            if written:
+                repair.apply(chain, found)
+    snaps = found.state.snapshots if found.state else {}
+    order, latest = snapshot_order(found.chain, snaps)
+    result = {
+        "id": args.volume,
+        "share": share,
+        "info_file": found.info_path,
+        "chain": found.chain,
+        "snapshot_order": order,
+        "latest_snapshot": latest,
+        "current": found.current,
+        "proposed": found.proposed,
+        "diff": found.diff() if found.needed else "",
+        "needed": found.needed,
+        "written": written,
+        "notes": found.notes,
+        "problems": found.problems,
+    }
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            key_values(
+                [
+                    ("volume", args.volume),
+                    ("info file", found.info_path),
+                    ("chain (top first)", " -> ".join(found.chain) or "-"),
+                    ("snapshots (oldest first)", ", ".join(order) or "none"),
+                ]
+            )
+        )
+        for line in found.notes:
+            print(f"note: {line}")
+        for line in found.problems:
+            print(f"REFUSED: {line}")
+        if found.needed:
+            print(found.diff(), end="")
+            print("written" if written else "not written: run again with --yes to write it")
+        elif not found.problems:
+            print("nothing to repair")
+    return 1 if found.problems else 0
 
 
 def cmd_snapshot_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
@@ -293,8 +417,13 @@ def cmd_snapshot_create(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
 def cmd_snapshot_delete(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         snap = Snapshot(_find(driver, args.volume), id=args.snapshot)
-        _, ms = _timed(lambda: driver.delete_snapshot(snap))
-    result = {"id": snap.id, "volume_id": args.volume, "deleted": True, "ms": round(ms, 1)}
+        deleted, ms = _timed(lambda: driver.delete_snapshot(snap))
+    # Deleting a missing snapshot succeeds (Cinder's rule, so retries are safe),
+    # but says that nothing was there: a mistyped id must not read as "deleted".
+    result: dict[str, Any] = {"id": snap.id, "volume_id": args.volume, "deleted": bool(deleted)}
+    if not deleted:
+        result["reason"] = "not found"
+    result["ms"] = round(ms, 1)
     _emit(args, result, list(result.items()))
     return 0
 
@@ -323,6 +452,7 @@ def cmd_stats(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
             p["provisioned_capacity_gb"],
             f"{p['reserved_percentage']}%",
             p["max_over_subscription_ratio"],
+            p.get("leftover_files", 0),
         ]
         for p in stats["pools"]
     ]
@@ -330,7 +460,8 @@ def cmd_stats(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         f"backend {stats['volume_backend_name']} ({stats['storage_protocol']}), "
         f"thin provisioning: {'yes' if stats['thin_provisioning_support'] else 'no'}"
     )
-    print(table(rows, ["share", "total GiB", "free GiB", "provisioned GiB", "reserved", "ratio"]))
+    headers = ["share", "total GiB", "free GiB", "provisioned GiB", "reserved", "ratio"]
+    print(table(rows, [*headers, "leftovers"]))
     return 0
 
 
@@ -346,9 +477,10 @@ def cmd_demo_worker(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     with service.running(conf) as driver:
         result = workload.run_worker(
             driver,
-            args.registry,
+            workload.Workspace(args.workspace),
+            args.index,
+            args.workers,
             args.seed,
-            args.derived,
             operations=args.operations,
             duration=args.duration,
             progress=progress,
@@ -367,11 +499,16 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self.started = time.monotonic()
         self.last_line = 0.0
+        self.last_tick: float | None = None
+
+    def elapsed(self) -> float:
+        """Seconds from the start to the last operation: the summary's rate uses this too."""
+        return (self.last_tick or time.monotonic()) - self.started
 
     def tick(self) -> None:
         with self.lock:
             self.done += 1
-            now = time.monotonic()
+            now = self.last_tick = time.monotonic()
             if not self.tty and self.done < self.total and now - self.last_line < 2:
                 return
             self.last_line = now
@@ -390,18 +527,31 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def worker_summary(result: dict) -> dict:
+    """One worker's line of the demo's report.
+
+    The worst wait in ms is rounded from the unrounded seconds (12.3 ms), not
+    from seconds already rounded to the ms, which printed 12 ms as a fake 12.0.
+    """
+    return {
+        "pid": result["pid"],
+        "operations": result["operations"],
+        "lock_wait_max_s": round(result["lock_wait_max_s"], 4),
+        "lock_wait_max_ms": round(result["lock_wait_max_s"] * 1000, 1),
+    }
+
+
 def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
     """Prepare volumes, run the workers with a progress bar, verify, report, clean up."""
     if args.workers < 1 or args.volumes < 1 or args.operations < 1:
-        print(
-            "remotefs-aa demo: --workers, --volumes and --operations must be >= 1", file=sys.stderr
-        )
-        return 2
+        raise exception.UsageError("demo: --workers, --volumes and --operations must be >= 1")
     seed = args.seed if args.seed is not None else int(time.time())
-    started = time.monotonic()
     with service.running(conf) as driver:
-        registries = workload.prepare(driver, conf, args.volumes, args.size)
-        derived = tempfile.mkdtemp(prefix="derived-", dir=workload.registry_dir(conf))
+        parent = os.path.join(conf.state_path, "workload")
+        os.makedirs(parent, exist_ok=True)
+        workspace = workload.Workspace(tempfile.mkdtemp(prefix="demo-", dir=parent))
+        workload.prepare(driver, workspace, args.volumes, args.size)
+        # The bar's clock starts as the workers do; the summary reads the same clock.
         bar = _Progress(args.workers * args.operations)
         procs = []
         results: list[dict] = []
@@ -414,15 +564,17 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                     "remotefs_aa.cmd.main",
                     *opts.config_file_args(conf),
                     "demo-worker",
-                    "--derived",
-                    derived,
+                    "--workspace",
+                    workspace.root,
+                    "--index",
+                    str(i),
+                    "--workers",
+                    str(args.workers),
                     "--seed",
                     str(seed + i),
                     "--operations",
                     str(args.operations),
                 ]
-                for reg in registries:
-                    argv += ["--registry", reg]
                 procs.append(
                     subprocess.Popen(
                         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -445,19 +597,20 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
                 if proc.wait() not in (0, 1):
                     failures.append(f"worker pid {proc.pid} exited {proc.returncode}: {err[-500:]}")
             bar.close()
-            run_s = time.monotonic() - started
-            report = workload.verify(driver, registries, derived)
+            run_s = bar.elapsed()
+            report = workload.verify(driver, workspace)
         finally:
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
         if not args.keep:
-            workload.cleanup(driver, registries, derived)
-            shutil.rmtree(derived, ignore_errors=True)
-            for reg in registries:
-                os.unlink(reg)
-    errors = [e for r in results for e in r["errors"]] + failures
+            workload.cleanup(driver, workspace)
+        # The history stays for a look at what went wrong (or when asked to keep).
+        kept = bool(args.keep or failures or report["errors"] or report["problems"])
+        if not kept:
+            shutil.rmtree(workspace.root, ignore_errors=True)
+    errors = report["errors"] + failures
     counts: dict[str, int] = {}
     for r in results:
         for op, n in r["counts"].items():
@@ -471,18 +624,13 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         "operations_total": total,
         "seconds": round(run_s, 2),
         "ops_per_second": round(total / run_s, 2) if run_s else None,
-        "per_worker": [
-            {
-                "pid": r["pid"],
-                "operations": r["operations"],
-                "lock_wait_max_s": round(r["lock_wait_max_s"], 3),
-            }
-            for r in results
-        ],
+        "per_worker": [worker_summary(r) for r in results],
         "errors": errors,
         "verified": report["checked"],
+        "refused": report["refused"],
         "problems": report["problems"],
         "kept": bool(args.keep),
+        "history": workspace.history if kept else None,
     }
     ok = not errors and not report["problems"]
     if args.format == "json":
@@ -495,10 +643,7 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         print()
         print(
             table(
-                [
-                    [w["pid"], w["operations"], round(w["lock_wait_max_s"] * 1000, 1)]
-                    for w in out["per_worker"]
-                ],
+                [[w["pid"], w["operations"], w["lock_wait_max_ms"]] for w in out["per_worker"]],
                 ["worker pid", "operations", "worst lock wait ms"],
             )
         )
@@ -506,15 +651,22 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         print()
         print(
             f"{total} operations by {args.workers} processes on {args.volumes} shared "
-            f"volumes in {run_s:.1f} s ({out['ops_per_second']}/s), seed {seed}"
+            f"volumes in {run_s:.1f} s ({total / run_s if run_s else 0:.1f}/s, as on the bar), "
+            f"seed {seed}"
         )
         print(
-            f"verified: {c['volumes']} volumes ({c['chain_links']} chain links, qemu-img check "
-            f"on every overlay), {c['snapshots']} snapshots and {c['derived']} clones / "
-            f"volumes from snapshots, byte patterns read back with qemu-io"
+            f"verified against the history: {c['volumes']} volumes ({c['chain_links']} chain "
+            f"links, qemu-img check on every overlay), {c['snapshots']} snapshots and "
+            f"{c['derived']} derived volumes, every byte ({c['bytes'] / 2**30:.0f} GiB) "
+            f"flattened and read back: {c['regions']} written regions exact, {c['ambiguous']} "
+            f"either way (written during a chain change)"
         )
+        refused = ", ".join(f"{n} {why}" for why, n in sorted(report["refused"].items()))
+        print(f"refused, each a clean no with a cause in the history: {refused or 'none'}")
         for line in errors + report["problems"]:
             print(f"  PROBLEM: {line}")
+        if out["history"]:
+            print(f"history kept in {out['history']}")
         print(
             "RESULT: every chain intact, every byte where it should be"
             if ok

@@ -25,6 +25,7 @@ from remotefs_aa import exception, plugins
 from remotefs_aa.coordination.base import Lock, LockProvider
 from remotefs_aa.coordination.guard import (
     LOCK_PREFIX,
+    TURN_SUFFIX,
     get_provider,
     lock_names,
     locked,
@@ -38,6 +39,7 @@ __all__ = [
     "Lock",
     "LockProvider",
     "check_cluster_safety",
+    "clean",
     "get_provider",
     "load_provider",
     "lock_names",
@@ -85,6 +87,22 @@ def start(conf: cfg.ConfigOpts) -> LockProvider:
     provider.start()
     set_provider(provider)
     return provider
+
+
+def clean(*names: str, provider: LockProvider | None = None) -> None:
+    """Remove the lock files of ``names`` (and their hand-off companions), if any.
+
+    For the file-based providers, after the resource the names stand for is
+    gone (a deleted volume), so a lock directory does not keep a file for every
+    volume id ever used. A lock still held or waited for is left alone.
+    """
+    provider = provider if provider is not None else get_provider()
+    for name in lock_names(names):
+        for each in (name, name + TURN_SUFFIX):
+            try:
+                provider.clean(each)
+            except Exception as exc:  # a leftover file is harmless; say why it stayed
+                LOG.warning("could not remove the lock file of %s: %s", each, exc)
 
 
 def stop() -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import types
-from typing import Self
+from typing import Any, Self
 
 from oslo_config import cfg
 
@@ -19,10 +20,35 @@ from remotefs_aa import exception
 
 
 class Lock(abc.ABC):
-    """A named lock handed out by a :class:`LockProvider`."""
+    """A named lock handed out by a :class:`LockProvider`.
+
+    A held lock knows until when it is surely still its holder's
+    (:attr:`deadline`, on ``fence.now()``'s clock): for a lease-based backend
+    the last confirmed acquire or renewal plus the lease, minus a safety
+    margin; ``inf`` where nothing expires while the holder lives (file
+    locks). Providers call :meth:`confirmed` and :meth:`lost`; the fences of
+    the operations holding the lock follow (``privsep.fence``).
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.deadline: float = math.inf
+        self.lost_reason: str | None = None
+        self.fences: set[Any] = set()
+
+    def confirmed(self, deadline: float) -> None:
+        """A renewal was confirmed: the lock is surely ours until ``deadline``."""
+        self.deadline = deadline
+        for fence in list(self.fences):
+            fence.refresh()
+
+    def lost(self, reason: str) -> None:
+        """The lock is not (surely) ours any more: stop every operation holding it."""
+        if self.lost_reason is None:
+            self.lost_reason = reason
+        self.deadline = -math.inf
+        for fence in list(self.fences):
+            fence.lose(f"lock {self.name}: {reason}")
 
     @abc.abstractmethod
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
@@ -138,6 +164,15 @@ class LockProvider(abc.ABC):
     @abc.abstractmethod
     def get_lock(self, name: str) -> Lock:
         """A lock object for ``name`` (cheap; nothing is taken yet)."""
+
+    def clean(self, name: str) -> None:  # noqa: B027 - a no-op by design
+        """Remove what lock ``name`` leaves behind once its resource is gone.
+
+        Called after a volume is deleted (Cinder's ``clean_volume_file_locks``),
+        never while the caller holds ``name``. Only file-based providers keep
+        something per name (a lock file that would otherwise pile up); server
+        backends free or expire their keys by themselves, hence the no-op.
+        """
 
     @property
     def started(self) -> bool:

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import re
 import string
 import threading
@@ -23,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from remotefs_aa import exception
 from remotefs_aa.coordination.base import Lock, LockProvider
+from remotefs_aa.privsep import fence
 
 LOG = logging.getLogger(__name__)
 
@@ -218,9 +220,12 @@ def locked(
         ordered,
         waited,
     )
+    guard = OperationFence(ordered, held)
     try:
-        yield ordered
+        with fence.active(guard):
+            yield ordered
     finally:
+        guard.close()
         held_for = time.monotonic() - acquired
         _release_all(held, what)
         if handoff:
@@ -232,6 +237,30 @@ def locked(
             ordered,
             held_for,
         )
+
+
+class OperationFence(fence.Fence):
+    """The fence of one locked operation: the earliest lease deadline of its locks.
+
+    Every privileged step the operation sends carries it; the locks' renewals
+    move it (:meth:`refresh`) and a lost lock ends it (see ``privsep.fence``).
+    """
+
+    def __init__(self, names: list[str], locks: list[Lock]) -> None:
+        super().__init__(names, min((lk.deadline for lk in locks), default=math.inf))
+        self.locks = locks
+        for lock in locks:
+            lock.fences.add(self)
+            if lock.lost_reason is not None:
+                self.lose(f"lock {lock.name}: {lock.lost_reason}")
+
+    def refresh(self) -> None:
+        """Follow the locks' confirmed deadlines."""
+        self.moved(min((lk.deadline for lk in self.locks), default=math.inf))
+
+    def close(self) -> None:
+        for lock in self.locks:
+            lock.fences.discard(self)
 
 
 #: When this process last released each lock (for the hand-off pause).

@@ -50,9 +50,34 @@ class LocalLock(base.Lock):
         self._held = False
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """See :meth:`remotefs_aa.coordination.base.Lock.acquire`."""
+        """See :meth:`remotefs_aa.coordination.base.Lock.acquire`.
+
+        A file lock taken on a file that :meth:`LocalLockProvider.clean` has
+        unlinked meanwhile (this process opened it before the unlink, then
+        waited) would exclude nobody: a newcomer creates a fresh file. So the
+        lock counts only if the path still names the file it is held on;
+        otherwise it is dropped and taken again on the current file.
+        """
         if self._held:
             raise exception.LockAcquireFailed(self.name, "already held by this lock object")
+        start = time.monotonic()
+        while True:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            if not self._acquire_once(blocking, left):
+                return False
+            if self._on_current_file():
+                self._held = True
+                return True
+            self._file.release()
+            self._thread.lock.release()
+
+    def _on_current_file(self) -> bool:
+        try:
+            return os.path.samestat(os.fstat(self._file.lockfile.fileno()), os.stat(self.path))
+        except (OSError, AttributeError, ValueError):
+            return False
+
+    def _acquire_once(self, blocking: bool, timeout: float | None) -> bool:
         start = time.monotonic()
         if not self._thread.lock.acquire(blocking, -1 if timeout is None else timeout):
             return False
@@ -72,7 +97,6 @@ class LocalLock(base.Lock):
         if not got:
             self._thread.lock.release()
             return False
-        self._held = True
         return True
 
     def release(self) -> None:
@@ -128,3 +152,20 @@ class LocalLockProvider(base.LockProvider):
         """A lock file named after the lock (names are safe: no slashes)."""
         safe = name.replace(os.sep, "_")
         return LocalLock(name, os.path.join(self.lock_path, safe))
+
+    def clean(self, name: str) -> None:
+        """Unlink ``name``'s lock file while holding it, if nobody else holds it.
+
+        Unlinking under the lock is what makes it safe: a process that opened
+        the old file and waits on it finds, once it gets the lock, that the
+        path no longer names that file and takes it again (LocalLock.acquire).
+        """
+        lock = self.get_lock(name)
+        if not os.path.exists(lock.path) or not lock.acquire(blocking=False):
+            return
+        try:
+            os.unlink(lock.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            lock.release()

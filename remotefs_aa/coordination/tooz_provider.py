@@ -10,17 +10,27 @@ Three things tooz leaves to its caller are done here:
   acquires fail at once with LockBackendUnavailable instead of hanging;
 * a start that proves the backend answers: a private lock is taken and
   released, so an unreachable backend fails ``start()`` rather than the
-  first volume operation.
+  first volume operation;
+* leases: every held lock knows until when it is surely ours (the send time
+  of its last *confirmed* acquire or renewal + the backend's expiry - a
+  margin, see :func:`lease_of`), renewed and confirmed by the heartbeat
+  thread lock by lock, and marked lost the moment a renewal is refused or
+  the connection goes; the operations holding it are fenced
+  (``privsep.fence``). doc/locking.md has the arithmetic per backend.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import math
 import os
 import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from urllib import parse
 
 from oslo_config import cfg
@@ -29,6 +39,7 @@ from tooz import coordination as tooz_coordination
 
 from remotefs_aa import exception, opts
 from remotefs_aa.coordination import base
+from remotefs_aa.privsep import fence
 
 LOG = logging.getLogger(__name__)
 
@@ -38,6 +49,8 @@ _NETWORK_SCHEMES = frozenset({"etcd3+http", "etcd3+https"})
 # Backends whose lock waits queue on the server (first come, first served);
 # every other backend is waited for by polling, see ToozLock._poll.
 _SERVER_SIDE_WAIT_SCHEMES = frozenset({"zookeeper", "kazoo"})
+# A lock that lives as long as its database connection: no lease to renew.
+_CONNECTION_BOUND_SCHEMES = frozenset({"mysql", "postgresql"})
 #: Bounds, in seconds, of the pause between two polls for a busy lock.
 POLL_MIN = 0.001
 POLL_MAX = 0.05
@@ -53,6 +66,7 @@ class ToozLock(base.Lock):
         self._lock = self._coordinator.get_lock(name.encode())
         self._held = False
         self._wake: threading.Event | None = None  # set while a wait is under way
+        self._session: object = None  # ZooKeeper: the session the lock lives in
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """See :meth:`remotefs_aa.coordination.base.Lock.acquire`.
@@ -78,9 +92,13 @@ class ToozLock(base.Lock):
         return got
 
     def _attempt(self) -> bool:
-        """One non-blocking try."""
+        """One non-blocking try; a success starts the lease at the send time."""
+        sent = fence.now()
         got = self._call_backend(blocking=False, timeout=None)
-        if not got and self._provider.fresh_lock_after_failure:
+        if got:
+            self._started_lease(sent)
+            return True
+        if self._provider.fresh_lock_after_failure:
             # A fresh tooz lock object for the next try: tooz's file lock
             # leaves its per-object reference count raised after a failed
             # attempt, then warns that the lock was never released. (Only
@@ -118,6 +136,46 @@ class ToozLock(base.Lock):
             ConnectionError("connection to the backend lost"),
             self._generation,
         )
+
+    def _started_lease(self, sent: float) -> None:
+        self.lost_reason = None
+        self.deadline = self._provider.lease.deadline(sent)
+        self._session = self._provider.session_id()
+        self._provider._held.add(self)
+
+    def renew(self) -> None:
+        """Renew this lock's lease and confirm it is still ours (heartbeat thread).
+
+        Only a confirmed renewal moves :attr:`deadline`; a refusal marks the
+        lock lost. Connection errors propagate (the provider then loses
+        every lock of the connection).
+        """
+        kind = self._provider.lease.kind
+        sent = fence.now()
+        ttl: float | None = None
+        try:
+            if kind == "per-lock":
+                ok = bool(self._lock.heartbeat())
+                if ok and self._provider.lease.check_owner:
+                    # memcached's touch also extends *someone else's* key: only
+                    # a read after it proves the key is still ours.
+                    ok = bool(self._lock.is_still_owner())
+            elif kind == "etcd":
+                # tooz's etcd lock ignores the keepalive's answer (it reports
+                # success for an expired lease); the TTL it returns is the truth.
+                ttl = float(self._lock._lease.refresh())  # private: see doc/locking.md
+                ok = ttl > 0
+            else:
+                ok = self._session == self._provider.session_id()
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise
+            self.lost(f"its renewal was refused ({describe_error(exc)})")
+            return
+        if ok:
+            self.confirmed(self._provider.lease.deadline(sent, ttl))
+        else:
+            self.lost("its renewal was refused: the backend says it is no longer ours")
 
     def _call_backend(self, blocking: bool, timeout: float | None) -> bool:
         # The wait bound goes in ``blocking`` as a number: that is the one
@@ -195,6 +253,7 @@ class ToozLock(base.Lock):
         if not self._held:
             raise exception.LockError(f"lock {self.name} is not held; nothing to release")
         self._held = False
+        self._provider._held.discard(self)
         if self._generation != self._provider._generation or not self._provider.connected:
             # Taken on a coordinator whose connection was lost (or that was
             # already replaced): the backend dropped the lock or expires it
@@ -257,6 +316,9 @@ class ToozLockProvider(base.LockProvider):
         self._last_error: str | None = None
         self._next_attempt_at = 0.0
         self._inflight: set[ToozLock] = set()
+        #: Locks held now, renewed lock by lock by the heartbeat thread.
+        self._held: set[ToozLock] = set()
+        self.lease = lease_of(self._url, self._coord_conf)
         self.reconnects = 0
 
     @property
@@ -269,11 +331,7 @@ class ToozLockProvider(base.LockProvider):
                 "tooz.backends", self._scheme, invoke_on_load=False
             ).driver
         except Exception as exc:
-            raise exception.PluginLoadFailed(
-                f"the tooz driver for {self._scheme}:// cannot be loaded "
-                f"({describe_error(exc)}); install its client library, e.g. "
-                f"pip install 'remotefs_aa[backends]'"
-            ) from exc
+            raise exception.PluginLoadFailed(missing_library(self._scheme, exc)) from exc
         traits = getattr(driver_cls, "CHARACTERISTICS", ())
         return tooz_coordination.Characteristics.DISTRIBUTED_ACROSS_HOSTS in traits
 
@@ -298,37 +356,130 @@ class ToozLockProvider(base.LockProvider):
                 os.makedirs(parse.urlparse(self._url).path, exist_ok=True)
             self._coordinator = self._connect()
         except Exception as exc:
+            if _import_error(exc) is not None:
+                # Not the server: this host lacks the client library.
+                raise exception.PluginLoadFailed(missing_library(self._scheme, exc)) from exc
             raise exception.LockProviderStartFailed(
                 f"cannot reach lock backend {self.describe()}: {describe_error(exc)}. "
                 f"Check that the server runs and [coordination] backend_url is right"
             ) from exc
         self._generation += 1
+        self._check_heartbeat_fits_lease()
         if self._coordinator.requires_beating:
             self._heartbeat_thread = threading.Thread(
                 target=self._heartbeat_loop, name="remotefs_aa-tooz-heartbeat", daemon=True
             )
             self._heartbeat_thread.start()
         LOG.info(
-            "Lock provider tooz started: backend %s, member %s, spans hosts: %s, heartbeat: %s",
+            "Lock provider tooz started: backend %s, member %s, spans hosts: %s, heartbeat: %s, "
+            "lease: %s",
             self.describe(),
             self._member_id,
             self.spans_hosts,
             self.requires_heartbeat,
+            self.lease.describe(),
         )
 
+    def _check_heartbeat_fits_lease(self) -> None:
+        """Renewals must come well before the deadline they move, or every step is fenced."""
+        usable = self.lease.seconds - self.lease.margin
+        if not math.isfinite(usable):
+            if self.lease.kind == "none" and self._scheme in _CONNECTION_BOUND_SCHEMES:
+                LOG.warning(
+                    "Lock backend %s holds a lock for as long as its connection lives and "
+                    "has no lease: a lock the server drops (restart, kill, idle timeout) "
+                    "is not noticed, and only the compare-and-swap on the share fences "
+                    "the old holder. Prefer Redis, etcd or ZooKeeper for Active-Active",
+                    self.describe(),
+                )
+            return
+        interval = self._coord_conf.heartbeat
+        if interval >= usable:
+            raise exception.InvalidConfig(
+                "[coordination] heartbeat",
+                interval,
+                f"locks on {self.describe()} are surely ours for {usable:.1f} s after a "
+                f"renewal ({self.lease.describe()}); renew at least twice in that time: "
+                f"heartbeat <= {usable / 2:.1f}, or raise the backend's lock timeout",
+            )
+        if interval > usable / 2:
+            LOG.warning(
+                "[coordination] heartbeat = %s s leaves one renewal per %.1f s lease "
+                "window (%s); a single slow renewal will fence operations",
+                interval,
+                usable,
+                self.lease.describe(),
+            )
+
+    def session_id(self) -> object:
+        """ZooKeeper's session id (a lock lives only as long as its session), else None."""
+        client = getattr(self._coordinator, "_coord", None)
+        client_id = getattr(client, "client_id", None) if client is not None else None
+        return client_id[0] if client_id else None
+
     def _connect(self) -> tooz_coordination.CoordinationDriver:
-        """Start a fresh coordinator and prove the backend answers."""
+        """A fresh coordinator that answered within ``connect_timeout``, or an error.
+
+        Client libraries wait long on an unreachable server (kazoo 10 s, with a
+        warning per retry; redis-py on an unanswering address until TCP gives
+        up), so the attempt runs in a helper thread that is abandoned at the
+        deadline; a coordinator it still starts later is stopped at once.
+        """
+        timeout = self._coord_conf.connect_timeout
+        outcome: dict[str, object] = {}
+        guard = threading.Lock()
+
+        def attempt() -> None:
+            try:
+                with _quiet_client_logs():
+                    result: object = self._connect_now(timeout)
+            except BaseException as exc:  # handed to the caller
+                result = exc
+            with guard:
+                outcome["result"] = result
+                abandoned = outcome.get("abandoned", False)
+            if abandoned and isinstance(result, tooz_coordination.CoordinationDriver):
+                _stop_quietly(result)
+
+        thread = threading.Thread(target=attempt, name="remotefs_aa-tooz-connect", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        with guard:
+            result = outcome.get("result")
+            if result is None:
+                outcome["abandoned"] = True
+        if result is None:
+            raise TimeoutError(f"no answer within [coordination] connect_timeout = {timeout:g} s")
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[return-value]
+
+    def _connect_now(self, timeout: float) -> tooz_coordination.CoordinationDriver:
+        """Start a fresh coordinator and prove the backend answers (take a probe lock)."""
         coordinator = tooz_coordination.get_coordinator(self._url, self._member_id.encode())
         _fail_fast(coordinator)
+        if self.server_side_wait and isinstance(getattr(coordinator, "timeout", None), int | float):
+            # tooz's ZooKeeper driver waits this long in kazoo's start(), 10 s by
+            # default (the URL's timeout, which is also the session timeout, so it
+            # is not ours to change). Past our deadline the attempt is abandoned
+            # anyway; this makes kazoo stop retrying soon after, not 10 s later.
+            coordinator.timeout = timeout + 1.0
         # Our own heartbeat thread replaces tooz's: tooz's retries a failing
         # beat forever, which would hide the outage from acquirers.
         coordinator.start(start_heart=False)
         self._watch_session(coordinator, self._generation + 1)
         try:
-            probe = coordinator.get_lock(f"remotefs_aa-probe-{self._member_id}".encode())
+            name = f"remotefs_aa-probe-{self._member_id}"
+            probe = coordinator.get_lock(name.encode())
             if not probe.acquire(blocking=False):
                 raise exception.LockProviderStartFailed("probe lock is unexpectedly busy")
             probe.release()
+            path = self._lock_file(name)
+            if path is not None:
+                # The name is this process's alone, so nobody else can hold or wait
+                # on the file: without this, every start left one behind.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         except BaseException:
             _stop_quietly(coordinator)
             raise
@@ -354,6 +505,11 @@ class ToozLockProvider(base.LockProvider):
             return
 
         def listener(state: str) -> bool:
+            if self._coordinator is not coordinator:
+                # Not (yet, or any more) the provider's: a probe still running,
+                # or an attempt abandoned at connect_timeout and being stopped,
+                # whose LOST must not tear down the coordinator that replaced it.
+                return False
             if state in (KazooState.SUSPENDED, KazooState.LOST):
                 self._connection_lost(
                     "(session)",
@@ -382,6 +538,39 @@ class ToozLockProvider(base.LockProvider):
     def get_lock(self, name: str) -> ToozLock:
         """A lock named ``name`` on the current coordinator."""
         return ToozLock(self, name)
+
+    def _lock_file(self, name: str) -> str | None:
+        """The file tooz's file driver keeps for lock ``name`` (None for other backends).
+
+        tooz's file driver makes a lock file of the name inside the URL's
+        directory; the other drivers keep nothing on this host.
+        """
+        if self._scheme != "file":
+            return None
+        directory = os.path.abspath(parse.urlparse(self._url).path)
+        path = os.path.abspath(os.path.join(directory, name))
+        return path if os.path.dirname(path) == directory else None
+
+    def clean(self, name: str) -> None:
+        """file://: unlink ``name``'s lock file, taken without waiting, when nobody holds it.
+
+        Unlinking under the lock keeps a current holder's exclusion; a process
+        that opened the file just before the unlink and takes it just after
+        could still lock the old file while a newcomer locks a new one. That
+        takes operations on the volume that was just deleted, an id reused at
+        once, and this window; Cinder's clean_volume_file_locks leaves the same.
+        """
+        path = self._lock_file(name)
+        if path is None or not os.path.exists(path):
+            return
+        lock = self.get_lock(name)
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            lock.release()
 
     def _coordinator_for_lock(self, name: str) -> tuple[int, tooz_coordination.CoordinationDriver]:
         with self._state_lock:
@@ -428,8 +617,11 @@ class ToozLockProvider(base.LockProvider):
                 waiting = [lk for lk in list(self._inflight) if lk._generation == generation]
             else:
                 waiting = []
+            gone = [lk for lk in list(self._held) if lk._generation == generation]
         for lock in waiting:
             lock.cancel_wait()
+        for lock in gone:
+            lock.lost(f"the connection to the backend was lost ({reason})")
         return exception.LockBackendUnavailable(
             name,
             f"lock backend {self.describe()} failed while {doing} the lock ({reason}); "
@@ -488,10 +680,51 @@ class ToozLockProvider(base.LockProvider):
                 generation = self._generation
             if coordinator is None:
                 continue
+            held = [lk for lk in list(self._held) if lk._generation == generation]
             try:
+                # tooz's heartbeat keeps the connection (and its own keys) alive,
+                # but for most drivers says nothing reliable about each lock; the
+                # renewal that moves a lock's deadline is confirmed lock by lock.
                 coordinator.heartbeat()
+                if self.lease.kind != "none":
+                    for lock in held:
+                        lock.renew()
             except Exception as exc:
                 self._connection_lost("(heartbeat)", "heartbeating", exc, generation)
+
+
+#: Client loggers that warn on every failed connection retry (kazoo: about ten
+#: "Connection dropped" lines before it gives up); our one error replaces them.
+_RETRY_LOGGERS = ("kazoo", "kazoo.client", "kazoo.protocol.connection")
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_saved_levels: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def _quiet_client_logs() -> Iterator[None]:
+    """Silence the client libraries' retry warnings while a connection attempt runs.
+
+    Their loggers are global, so nested or concurrent attempts share one
+    silencing: the levels come back when the last attempt ends.
+    """
+    global _quiet_depth
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            for name in _RETRY_LOGGERS:
+                logger = logging.getLogger(name)
+                _saved_levels[name] = logger.level
+                logger.setLevel(logging.ERROR)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for name, level in _saved_levels.items():
+                    logging.getLogger(name).setLevel(level)
+                _saved_levels.clear()
 
 
 def _stop_quietly(coordinator: tooz_coordination.CoordinationDriver) -> None:
@@ -530,6 +763,47 @@ def _fail_fast(coordinator: tooz_coordination.CoordinationDriver) -> None:
     coordinator._make_client = make_client_without_retries  # type: ignore[attr-defined]
 
 
+#: The client library each tooz backend imports (the pip package to install).
+CLIENT_PACKAGES = {
+    "zookeeper": "kazoo",
+    "kazoo": "kazoo",
+    "redis": "redis",
+    "etcd3+http": "etcd3gw",
+    "etcd3+https": "etcd3gw",
+    "memcached": "pymemcache",
+    "mysql": "PyMySQL",
+    "postgresql": "psycopg2-binary",
+}
+
+
+def _import_error(exc: BaseException | None) -> ImportError | None:
+    """The ImportError behind ``exc`` (tooz and stevedore may wrap it), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ImportError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def missing_library(scheme: str, exc: BaseException) -> str:
+    """What to install when the tooz driver for ``scheme`` cannot be imported.
+
+    A missing client library used to read "cannot reach lock backend ...
+    Check that the server runs", sending the operator to a healthy server.
+    """
+    package = CLIENT_PACKAGES.get(scheme)
+    cause = _import_error(exc) or exc
+    what = f"the {package} package" if package else "its client library"
+    install = f"pip install {package}" if package else "install its client library"
+    return (
+        f"the tooz driver for {scheme}:// needs {what}, which this Python cannot import "
+        f"({describe_error(cause)}); {install} into the service's virtualenv, or every "
+        f"lock client at once: pip install 'remotefs_aa[backends]'"
+    )
+
+
 def describe_error(exc: BaseException) -> str:
     """``Type: message`` of an error, falling back to its cause.
 
@@ -541,3 +815,72 @@ def describe_error(exc: BaseException) -> str:
     if not text and cause is not None:
         return f"{type(exc).__name__}: {describe_error(cause)}"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """How a backend's locks expire, and the deadline arithmetic (doc/locking.md).
+
+    ``kind``: ``per-lock`` (Redis, memcached: each lock's key has a TTL,
+    renewed by ``lock.heartbeat()``), ``etcd`` (a lease per lock; its TTL is
+    read from the keepalive answer), ``session`` (ZooKeeper: the session is
+    the lease), ``none`` (file, SQL: nothing expires while the holder lives).
+    """
+
+    kind: str
+    seconds: float
+    margin: float
+    check_owner: bool = False
+
+    def deadline(self, sent: float, ttl: float | None = None) -> float:
+        """Surely ours until: the send time + the expiry - the margin."""
+        seconds = self.seconds if ttl is None else ttl
+        if not math.isfinite(seconds):
+            return math.inf
+        return sent + seconds - self.margin
+
+    def describe(self) -> str:
+        if not math.isfinite(self.seconds):
+            return f"{self.kind} (no expiry)"
+        return f"{self.kind}, {self.seconds:g} s, margin {self.margin:g} s"
+
+
+def lease_of(url: str, group: object) -> Lease:
+    """The lease model of a tooz URL (its query options as tooz reads them)."""
+    parsed = parse.urlparse(url)
+    query = {k: v[-1] for k, v in parse.parse_qs(parsed.query).items()}
+    scheme = parsed.scheme
+
+    def seconds(*keys: str, default: float) -> float:
+        for key in keys:
+            if key in query:
+                try:
+                    return float(query[key])
+                except ValueError:
+                    break
+        return default
+
+    if scheme in ("redis", "rediss", "redis+sentinel"):
+        kind, lease, check = "per-lock", seconds("lock_timeout", "timeout", default=30), False
+    elif scheme == "memcached":
+        # memcached counts whole seconds: a key set to live N s may vanish after N-1.
+        lease = seconds("lock_timeout", "timeout", default=30) - 1
+        kind, check = "per-lock", True
+    elif scheme in _NETWORK_SCHEMES:
+        kind, lease, check = "etcd", seconds("lock_timeout", "timeout", default=30), False
+    elif scheme in _SERVER_SIDE_WAIT_SCHEMES:
+        kind, lease, check = "session", seconds("timeout", default=10), False
+    else:
+        kind, lease, check = "none", math.inf, False
+    configured = getattr(group, "lease_margin", None)
+    margin = (
+        float(configured)
+        if configured is not None
+        else (max(0.5, 0.1 * lease) if math.isfinite(lease) else 0.0)
+    )
+    return Lease(kind, lease, margin, check)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Whether a tooz error means the backend is unreachable (not: the lock is gone)."""
+    return isinstance(exc, tooz_coordination.ToozConnectionError | ConnectionError | OSError)

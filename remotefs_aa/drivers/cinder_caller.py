@@ -44,8 +44,9 @@ What the Cinder form adds, and why:
   message, and the original as ``__cause__``.
 * Cinder-only members: exports are no-ops (a file on a share needs none), the
   pool is the share, revert needs no temporary snapshot (the chain driver
-  reverts in place), our file-backend lock files are removed after deletes,
-  and an image Cinder's create flow already downloaded is not fetched again.
+  reverts in place), chain changes on an attached volume are refused (no
+  Nova-assisted snapshots), and an image Cinder's create flow already
+  downloaded is not fetched again.
 
 Under eventlet (cinder-volume's default) our threads (the tooz heartbeat,
 reconnect and lock-wait watcher) are ``threading`` threads, which Cinder's
@@ -65,7 +66,6 @@ import os
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib import parse
 
 from oslo_config import cfg
 
@@ -348,9 +348,14 @@ class CinderDriver:
     # -- lifecycle (in the forked child) --------------------------------------------
 
     def do_setup(self, context: Any) -> None:
-        """Start the privileged helper mode and the locks, then set up the shares."""
+        """Start the privileged helper mode and the locks, then set up the shares.
+
+        Cinder never stops a driver: at exit the driver leaves its shares (its
+        presence record and lock), as the standalone service's stop does.
+        """
         start_services(self.conf, self._provider)
         super().do_setup(context)  # type: ignore[misc]
+        atexit.register(self.close)  # type: ignore[attr-defined]
 
     def _init_vendor_properties(self) -> tuple[dict, str | None]:
         return {}, None
@@ -416,21 +421,6 @@ class CinderDriver:
                 return found
         return super().fetch_image(context, image_service, image_id, path)  # type: ignore[misc]
 
-    def clean_volume_file_locks(self, volume_id: str) -> None:
-        """Remove our lock files of a deleted volume (file-based lock backends only).
-
-        Cinder calls this after a volume is deleted. tooz's network backends
-        remove a lock when it is released; the file backend and the local
-        provider leave one file per lock name behind.
-        """
-        directory = _lock_file_directory(self.conf)
-        if directory is None:
-            return
-        name = coordination.LOCK_PREFIX + volume_id
-        for leftover in (name, name + coordination.guard.TURN_SUFFIX):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, leftover))
-
     def clean_snapshot_file_locks(self, snapshot_id: str) -> None:
         """Snapshots are locked through their volume: nothing of theirs to remove."""
         return None
@@ -452,15 +442,3 @@ def _refuse_attached(volume: Any, what: str) -> None:
             f"guest would keep writing to the image under the new chain (online snapshots "
             f"need Nova-assisted snapshots, which remotefs_aa does not do). Nothing was changed."
         )
-
-
-def _lock_file_directory(conf: Any) -> str | None:
-    """The directory holding one file per lock, for file-based providers; else None."""
-    group = conf.coordination
-    if group.lock_provider == "local":
-        return group.lock_path
-    if group.lock_provider == "tooz":
-        url = parse.urlparse(group.backend_url or "")
-        if url.scheme == "file":
-            return url.path
-    return None

@@ -181,6 +181,7 @@ class MountedShareDriver(RemoteFSDriver):
         """Unmount every configured share this host has mounted (operators, tests)."""
         from remotefs_aa.privsep import mount
 
+        self.close()  # leave the shares (this service's records there) while they are mounted
         for share in self._shares:
             mountpoint = self.share_path(share)
             with coordination.locked(self._mount_lock(mountpoint), purpose=f"unmount {share}"):

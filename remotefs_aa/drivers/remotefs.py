@@ -30,8 +30,9 @@ from typing import Any
 
 from oslo_config import cfg
 
-from remotefs_aa import exception, opts
+from remotefs_aa import coordination, exception, opts
 from remotefs_aa.coordination import synchronized
+from remotefs_aa.drivers import presence
 from remotefs_aa.drivers.base import ModelUpdate, VolumeDriver
 from remotefs_aa.image.chain import Chain, GiB, ImageIO, PrivilegedIO
 from remotefs_aa.image.qemu import ImageInfo
@@ -41,6 +42,9 @@ LOG = logging.getLogger(__name__)
 
 VERSION = VolumeDriver.VERSION
 _BASE_RE = re.compile(r"^volume-([A-Za-z0-9][A-Za-z0-9_-]*)$")
+_LEFTOVER = re.compile(
+    r"^\.volume-(?P<vol>[A-Za-z0-9][A-Za-z0-9_-]{0,127})\.(?:tmp|info\.tmp-[0-9a-f]+)$"
+)
 
 
 class RemoteFSDriver(VolumeDriver):
@@ -81,6 +85,9 @@ class RemoteFSDriver(VolumeDriver):
         self._scanned_at: dict[str, float] = {}
         self._stats_lock = threading.Lock()
         self._daemon_paths: list[str] | None = None
+        self._presence: presence.Presence | None = None
+        #: Per share, leftovers of interrupted work the last sweep had to keep.
+        self._leftovers: dict[str, list[str]] = {}
 
     # -- what subclasses provide ---------------------------------------------
 
@@ -119,19 +126,73 @@ class RemoteFSDriver(VolumeDriver):
         if not self._shares:
             raise exception.InvalidConfig(self.driver_name + " shares", [], "no share configured")
         for share in self._shares:
+            # Checked before the share is created or mounted, so the refusal is
+            # this configuration error, not the daemon refusing a directory (the
+            # same mistake gives the same exit code whether the directory exists).
+            self._check_share_allowed(share)
             self.ensure_share_ready(share)
+        self._presence = presence.Presence(self.host, self.io)
+        try:
+            for share in self._shares:
+                self._presence.join(share, self.share_path(share))
+                self._leftovers[share] = self.sweep_leftovers(share)["kept"]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Leave the shares: this service's records there and its presence lock."""
+        if self._presence is not None:
+            self._presence.leave()
+            self._presence = None
+
+    def sweep_leftovers(self, share: str) -> dict[str, list[str]]:
+        """Remove what interrupted creates, clones and publishes left on ``share``.
+
+        ``.volume-<id>.tmp`` (a create, clone, or image copy that died),
+        ``.volume-<id>.info.tmp-*`` (an ``.info`` publish that died before its
+        claim). Each is removed under its volume's lock, taken without
+        waiting: a leftover whose volume is busy may be another host's work
+        in progress and is kept. A revert's ``.volume-<id>.<snap>.revert`` is
+        the next operation's to finish (its intent says so) and is left to it.
+        Returns ``{"removed": [...], "kept": [...]}``.
+        """
+        path = self.share_path(share)
+        result: dict[str, list[str]] = {"removed": [], "kept": []}
+        for name in sorted(self.io.list_directory(path)):
+            match = _LEFTOVER.match(name)
+            if not match:
+                continue
+            try:
+                with coordination.locked(match["vol"], blocking=False, purpose=f"sweep {name}"):
+                    self.io.unlink(os.path.join(path, name))
+            except exception.LockBusy:
+                result["kept"].append(name)
+                continue
+            LOG.warning(
+                "volume %s: removed %s on %s, left by an interrupted operation",
+                match["vol"],
+                name,
+                share,
+            )
+            result["removed"].append(name)
+        return result
 
     def check_for_setup_error(self) -> None:
         for share in self._shares:
-            path = os.path.realpath(self.share_path(share))
-            if not self.daemon_may_act_in(path):
-                raise exception.InvalidConfig(
-                    "[privileged] allowed_paths",
-                    self.allowed_paths_text(),
-                    f"share {share} ({path}) lies outside it; the privileged daemon "
-                    f"would refuse every file operation there. Add its directory",
-                )
-            self.io.list_directory(path)
+            self.io.list_directory(self._check_share_allowed(share))
+
+    def _check_share_allowed(self, share: str) -> str:
+        """The share's real path; InvalidConfig if it lies outside ``allowed_paths``."""
+        path = os.path.realpath(self.share_path(share))
+        if not self.daemon_may_act_in(path):
+            raise exception.InvalidConfig(
+                "[privileged] allowed_paths",
+                self.allowed_paths_text(),
+                f"share {share} ({path}) lies outside it; the privileged daemon "
+                f"would refuse every file operation there. Add its directory",
+            )
+        return path
 
     # -- helpers -------------------------------------------------------------
 
@@ -292,6 +353,14 @@ class RemoteFSDriver(VolumeDriver):
             return pool
         return self.find_share(volume.size)
 
+    def clean_volume_file_locks(self, volume_id: str) -> None:
+        """Cinder's hook after a volume is gone: remove its lock files (file-based providers).
+
+        Cinder's manager calls it after delete_volume succeeds, as our CLI does;
+        without it the lock directory keeps a file for every volume id ever used.
+        """
+        coordination.clean(volume_id)
+
     @synchronized("{volume.name_id}", "{src_vref.name_id}")
     def create_cloned_volume(self, volume: Any, src_vref: Any) -> ModelUpdate:
         src = self.chain(src_vref)
@@ -366,8 +435,15 @@ class RemoteFSDriver(VolumeDriver):
         return None
 
     @synchronized("{snapshot.volume.name_id}")
-    def delete_snapshot(self, snapshot: Any) -> None:
+    def delete_snapshot(self, snapshot: Any) -> bool:
+        """Merge the snapshot away; False when it was not there (still a success, as in Cinder).
+
+        Cinder ignores the return value; the CLI reports it, so an operator who
+        mistyped a snapshot id is told instead of reading "deleted".
+        """
         state = self.chain(snapshot.volume).delete_snapshot(snapshot.id)
+        if state.not_found:
+            return False
         LOG.info(
             "snapshot %s of volume %s: deleted (active %s, generation %d)",
             snapshot.id,
@@ -375,6 +451,7 @@ class RemoteFSDriver(VolumeDriver):
             state.active,
             state.generation,
         )
+        return True
 
     @synchronized("{volume.name_id}")
     def revert_to_snapshot(self, context: Any, volume: Any, snapshot: Any) -> None:
@@ -697,10 +774,15 @@ class RemoteFSDriver(VolumeDriver):
         }
         pools = []
         for share in self._shares:
+            if refresh:
+                # The periodic refresh is where interrupted work is swept; what
+                # another host's lock still covers is counted, not removed.
+                self._leftovers[share] = self.sweep_leftovers(share)["kept"]
             cap = self.share_capacity(share)
             pools.append(
                 {
                     "pool_name": share,
+                    "leftover_files": len(self._leftovers.get(share, [])),
                     "total_capacity_gb": round(cap["total"] / GiB, 2),
                     "free_capacity_gb": round(cap["free"] / GiB, 2),
                     "provisioned_capacity_gb": round(cap["provisioned"] / GiB, 2),
@@ -722,13 +804,28 @@ class RemoteFSDriver(VolumeDriver):
         }
 
     def list_volumes(self) -> list[Volume]:
-        """Volumes found on the shares (base files), sized from their active images."""
+        """Volumes found on the shares (base files), sized from their active images.
+
+        A volume whose chain cannot be read (a truncated .info file, a bad
+        header) is listed with status ``error`` and the reason, sized from
+        its base file, so one broken volume does not hide the others.
+        """
         found = []
         for share in self._shares:
-            for name in sorted(self.io.list_directory(self.share_path(share))):
+            files = self.io.list_directory(self.share_path(share))
+            for name in sorted(files):
                 match = _BASE_RE.match(name)
-                if match:
+                if not match:
+                    continue
+                try:
                     found.append(self._volume_on(share, match.group(1)))
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                except (exception.RemoteFSAAError, OSError) as exc:
+                    size = max(1, math.ceil(files[name] / GiB))
+                    found.append(
+                        Volume(match.group(1), size, share, status="error", error=str(exc))
+                    )
         return found
 
     def find_volume(self, volume_id: str) -> Volume | None:

@@ -69,6 +69,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -88,6 +89,16 @@ class ImageIO(Protocol):
     def read_text(self, path: str) -> str | None: ...
     def replace_text_if(
         self, path: str, data: str, expected: str | None, durable: bool = True, mode: int = 0o640
+    ) -> str | None: ...
+    def publish_info(
+        self,
+        directory: str,
+        base: str,
+        data: str,
+        generation: int,
+        expected: str | None,
+        mode: int = 0o640,
+        durable: bool = True,
     ) -> str | None: ...
     def unlink(self, path: str) -> bool: ...
     def unlink_many(self, directory: str, names: list[str]) -> list[str]: ...
@@ -138,6 +149,18 @@ class PrivilegedIO:
         self, path: str, data: str, expected: str | None, durable: bool = True, mode: int = 0o640
     ) -> str | None:
         return self.files.replace_file_if(path, data, expected, mode=mode, durable=durable)
+
+    def publish_info(
+        self,
+        directory: str,
+        base: str,
+        data: str,
+        generation: int,
+        expected: str | None,
+        mode: int = 0o640,
+        durable: bool = True,
+    ) -> str | None:
+        return self.files.publish_info(directory, base, data, generation, expected, mode, durable)
 
     def unlink(self, path: str) -> bool:
         return self.files.unlink(path)
@@ -243,6 +266,9 @@ class ChainState:
     intent: dict | None = None
     #: The file's exact text as read; None when the file does not exist.
     raw: str | None = None
+    #: Set by delete_snapshot when the snapshot was not there (nothing changed),
+    #: so callers can say so; never written to the file.
+    not_found: bool = False
 
     def render(self) -> str:
         """The JSON text, Cinder's keys first, with the next generation."""
@@ -370,10 +396,11 @@ class Chain:
         """
         seen = self.io.volume_state(self.directory, self.base, self.default_format, walk)
         text = seen["info"]
-        if text is None:
+        if seen["deleting"]:
+            # The deletion's marker wins over whatever .info or claims remain.
+            state = ChainState(self.base, {}, 0, self.default_format, {"op": "delete_volume"})
+        elif text is None:
             state = ChainState(self.base, {}, 0, self.default_format)
-            if seen["deleting"]:
-                state.intent = {"op": "delete_volume"}
         else:
             state = parse_info(self.info_path, text, self.default_format)
             for name in (state.active, *state.snapshots.values()):
@@ -473,20 +500,26 @@ class Chain:
 
     # -- writing -------------------------------------------------------------
 
-    def save(self, state: ChainState, durable: bool = True, **changes: Any) -> ChainState:
-        """Compare-and-swap ``state`` with ``changes`` applied; the new state.
+    def save(
+        self, state: ChainState, durable: bool = True, label: str = "", **changes: Any
+    ) -> ChainState:
+        """Publish ``state`` with ``changes`` as the next generation; the new state.
 
-        ``durable=False`` skips the directory fsync after the rename (the file
-        itself is always fsync'd before it): for writes that publish a finished
-        change, whose loss in a power cut recovery handles (an orphan, or an
-        intent still pending). Intents are always durable: they must be on
-        disk before the destructive step they announce.
+        An atomic compare-and-swap on the share (``files.publish_info``: the
+        claim of generation N+1 is created exclusively, so of all writers that
+        read N exactly one wins), durable before it returns (a change reported
+        as done, or an intent announcing a destructive step, survives a power
+        cut). ``durable=False`` for claims only: one lost in a power cut sends
+        recovery back to an earlier step, which is safe to repeat. A writer
+        that lost raises StaleInfoGeneration and changes nothing more.
         """
         new = dataclasses.replace(state, **changes)
         new.snapshots = dict(new.snapshots)
         new.generation = state.generation + 1
         text = new.render()
-        current = self.io.replace_text_if(self.info_path, text, state.raw, durable, self.info_mode)
+        current = self.io.publish_info(
+            self.directory, self.base, text, new.generation, state.raw, self.info_mode, durable
+        )
         if current is not None:
             found: int | None = None
             try:
@@ -495,6 +528,14 @@ class Chain:
                 found = None
             raise exception.StaleInfoGeneration(self.info_path, state.generation, found)
         new.raw = text
+        # One line per generation, naming what it is: the workload's history
+        # credits every generation of a chain to the call that wrote it.
+        LOG.debug(
+            "volume %s: published generation %d (%s)",
+            self.volume_id,
+            new.generation,
+            label or ("intent " + str(new.intent.get("op")) if new.intent else "change"),
+        )
         return new
 
     # -- recovery ------------------------------------------------------------
@@ -600,15 +641,18 @@ class Chain:
             self.io.convert(src, src_fmt, tmp, state.format, sparse, self.mode)
             if src_size < self.size_bytes:
                 self._grow(tmp, state.format, not sparse)
+            # Claimed before the base is replaced: a holder whose lock lapsed
+            # stops here with the old base intact (and its temp file removed).
+            state = self.save(state, durable=False, label="image")
             self.io.rename(tmp, self.path(self.base))
         except BaseException:
             self.io.unlink(tmp)
             raise
-        return self.save(state)
+        return state
 
     def _publish_tmp(self, fmt: str) -> ChainState:
         self.io.rename(self.path(self.tmp_name), self.path(self.base))
-        return self.save(ChainState(self.base, {}, 0, fmt))
+        return self.save(ChainState(self.base, {}, 0, fmt), label="create")
 
     def _grow(self, path: str, fmt: str, thick: bool, skip_backing: bool = False) -> None:
         if fmt == "qcow2":
@@ -647,7 +691,7 @@ class Chain:
         top = self.trusted_chain(state)[0]
         self.io.create(self.path(new), "qcow2", self.size_bytes, top.name, top.format, self.mode)
         snapshots = {**state.snapshots, snapshot_id: new}
-        return self.save(state, durable=False, active=new, snapshots=snapshots)
+        return self.save(state, label=f"snapshot {snapshot_id}", active=new, snapshots=snapshots)
 
     def _sweep_orphans(self, state: ChainState) -> None:
         """Remove overlays of this volume that the .info file does not name.
@@ -691,7 +735,7 @@ class Chain:
         if snapshot_id not in state.snapshots:
             # Deleting what is gone succeeds, as in Cinder.
             LOG.info("snapshot %s of volume %s: already gone", snapshot_id, self.volume_id)
-            return state
+            return dataclasses.replace(state, not_found=True)
         target = state.snapshots[snapshot_id]
         links = self.trusted_chain(state)
         names = [link.name for link in links]
@@ -711,7 +755,7 @@ class Chain:
             "base_format": base.format,
             "higher": higher,
         }
-        state = self.save(state, intent=intent)
+        state = self.save(state, label=f"intent delete_snapshot {snapshot_id}", intent=intent)
         return self._finish_delete_snapshot(state, intent)
 
     def _finish_delete_snapshot(
@@ -730,21 +774,46 @@ class Chain:
                 needed = self.io.image_chain(self.path(higher))[0].get("backing_file") == target
         if present:
             if needed:
+                state = self._claim(state, intent, "commit")
                 self.io.commit(self.path(target))
                 if higher:
+                    state = self._claim(state, intent, "rebase")
                     self.io.rebase_unsafe(self.path(higher), base, intent["base_format"])
+            state = self._claim(state, intent, "unlink")
             self.io.unlink(self.path(target))
         snapshots = {k: v for k, v in state.snapshots.items() if k != intent["snapshot"]}
         active = base if state.active == target else state.active
-        return self.save(state, durable=False, active=active, snapshots=snapshots, intent=None)
+        return self.save(
+            state,
+            label=f"delete {intent['snapshot']}",
+            active=active,
+            snapshots=snapshots,
+            intent=None,
+        )
+
+    def _claim(self, state: ChainState, intent: dict, step: str) -> ChainState:
+        """Claim the next destructive step through the compare-and-swap, then do it.
+
+        A holder whose lock lapsed meanwhile finds a newer generation and stops
+        here (StaleInfoGeneration) before it touches any data; the intent names
+        the step, so a crash right after the claim is finished by the next
+        holder from that step on.
+        """
+        return self.save(
+            state,
+            durable=False,
+            label=f"claim {step} of {intent['op']} {intent.get('snapshot', '')}".rstrip(),
+            intent={**intent, "step": step},
+        )
 
     def revert(self, snapshot_id: str) -> ChainState:
         state = self.load_recovered()
         overlay = self._snapshot_file(state, snapshot_id)
         if overlay != state.active:
+            latest = next((s for s, f in state.snapshots.items() if f == state.active), None)
             raise exception.InvalidSnapshot(
                 f"volume {self.volume_id} can only be reverted to its latest snapshot "
-                f"(as in Cinder); {snapshot_id} is older. Delete the newer snapshots first."
+                f"(as in Cinder), {latest}; {snapshot_id} is older. Delete newer snapshots first."
             )
         self._sweep_orphans(state)
         links = self.trusted_chain(state)
@@ -756,7 +825,7 @@ class Chain:
             "backing_format": links[1].format,
             "tmp": f".{overlay}.revert",
         }
-        state = self.save(state, intent=intent)
+        state = self.save(state, label=f"intent revert {snapshot_id}", intent=intent)
         return self._finish_revert(state, intent)
 
     def _finish_revert(self, state: ChainState, intent: dict) -> ChainState:
@@ -764,8 +833,9 @@ class Chain:
         tmp = self.path(f".{overlay}.revert")
         backing = self._checked_name(intent["backing"])
         self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"], self.mode)
+        state = self._claim(state, intent, "rename")
         self.io.rename(tmp, self.path(overlay))
-        return self.save(state, durable=False, intent=None)
+        return self.save(state, label=f"revert {intent['snapshot']}", intent=None)
 
     def extend(self, new_size_gib: int, thick: bool = False) -> ChainState:
         state = self.load_recovered()
@@ -782,21 +852,40 @@ class Chain:
         # the backing file's data would show through). The checked headers
         # already say; when it is not, the chain is left closed.
         skip = len(links) > 1 and links[1].virtual_size <= top.virtual_size
+        # The claim (a new generation, nothing else changed) fences a holder
+        # whose lock lapsed; a crash after it changes nothing to recover.
+        state = self.save(state, durable=False, label="claim extend")
         self._grow(self.path(top.name), top.format, thick, skip_backing=skip)
         return state
 
     def delete_volume(self) -> None:
         """Remove every file of the volume, then the .info file; missing files are fine."""
         state = self.load(walk=False)  # InvalidInfoFile: never delete what we cannot read
+        if state.raw is not None and not state.intent:
+            # Claimed through the compare-and-swap first (a holder whose lock
+            # lapsed stops here); then the marker: once .info is renamed away,
+            # every reader sees a volume being deleted.
+            # Not durable: if a power cut loses it, the deletion either happened
+            # (its marker says so) or not.
+            state = self.save(
+                state, durable=False, label="claim delete_volume", intent={"op": "delete_volume"}
+            )
         if state.raw is not None:
-            # The intent: once the .info file is renamed away, every reader
-            # (and a fenced writer whose lock lapsed) sees a volume being deleted.
             self.io.rename(self.info_path, self.deleting_path)
-        self._delete_files(state)
+        self._delete_files(state, fresh=True)
 
-    def _delete_files(self, state: ChainState) -> None:
-        """Every file of the volume, top of the chain first, the marker last."""
-        files = self._files(state)
+    def _delete_files(self, state: ChainState, fresh: bool = False) -> None:
+        """Every file of the volume, top of the chain first, the marker last.
+
+        ``fresh``: list the volume's own names again (the claim just written
+        is not in the listing ``load`` made).
+        """
+        if fresh:
+            files = self.io.volume_state(
+                self.directory, self.base, self.default_format, walk=False
+            )["files"]
+        else:
+            files = self._files(state)
         marker = os.path.basename(self.deleting_path)
         order = [state.active, *sorted(state.snapshots.values(), reverse=True)]
         mine = sorted((n for n in files if self._own(n)), reverse=True)
@@ -843,7 +932,10 @@ class Chain:
             if name not in chain_names:
                 problems.append(f"snapshot {snap}: {name} is not in the chain")
         files = self._files(state)
+        claims = re.compile(rf"^\.{re.escape(self.base)}\.gen\.[0-9]+$")
         for name in files:
+            if claims.match(name):
+                continue  # the compare-and-swap's generation claims (a bounded few)
             if (self._own(name) or name.startswith(f".{self.base}.")) and (name not in chain_names):
                 problems.append(f"orphan file {name}")
         if deep:

@@ -24,6 +24,7 @@ inherit (``caps.py``) and then runs oslo.privsep's daemon.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
@@ -40,6 +41,7 @@ from oslo_privsep import daemon as priv_daemon
 from oslo_privsep import priv_context
 
 from remotefs_aa import exception
+from remotefs_aa.privsep import fence
 
 LOG = logging.getLogger(__name__)
 
@@ -149,24 +151,75 @@ file_pctxt = Context(
 )
 
 CONTEXTS = {MOUNT_SECTION: sys_admin_pctxt, FILES_SECTION: file_pctxt}
+
+#: Worker threads per daemon. oslo.privsep's default is the CPU count, but a
+#: fence_extend sent while long commands run must find a free worker, or the
+#: commands are ended at their old deadline.
+THREAD_POOL_SIZE = 32
+for _section in CONTEXTS:
+    cfg.CONF.set_default("thread_pool_size", THREAD_POOL_SIZE, group=_section)
 _CAP_NAMES = {v: k for k, v in pcaps.CAPS_BYNAME.items()}
 
 
 def entrypoint(ctx: Context) -> Callable[[F], F]:
-    """``ctx.entrypoint``, keeping the body reachable as ``__wrapped__``.
+    """``ctx.entrypoint``, fenced by the caller's lease, body reachable as ``__wrapped__``.
 
-    The body runs in this process in ``direct`` mode, in the rootwrap modes
-    and for ``nas_secure_file_operations`` (as the service's own user).
+    Called inside a locked operation (``fence.current()``), the call is
+    refused once the lease ran out or a lock was lost, and otherwise carries
+    ``(token, deadline)`` to where the body runs (the daemon, or this process
+    in ``direct`` mode, the rootwrap modes and for in-process file
+    operations), which refuses to start after the deadline and ends a
+    running child when it passes.
     """
 
     def decorate(func: F) -> F:
-        call = ctx.entrypoint(func)
-        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
-            setattr(call, attr, getattr(func, attr))
+        @functools.wraps(func)
+        def body(*args: Any, _fence: tuple[str, float] | None = None, **kwargs: Any) -> Any:
+            if _fence is None:
+                return func(*args, **kwargs)
+            token, deadline = _fence
+            with fence.enforced(token, deadline, func.__name__):
+                return func(*args, **kwargs)
+
+        remote = ctx.entrypoint(body)
+
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            current = fence.current()
+            if current is None or "_fence" in kwargs:
+                return remote(*args, **kwargs)
+            hook = fence.on_step
+            if hook is not None:
+                hook("before", func.__name__)
+            try:
+                if not fence.ENFORCE:
+                    return remote(*args, **kwargs)
+                current.check(func.__name__)
+                token = current.begin(_senders(ctx))
+                try:
+                    return remote(*args, _fence=(token, current.deadline), **kwargs)
+                finally:
+                    current.end(token)
+            finally:
+                if hook is not None:
+                    hook("after", func.__name__)
+
+        # The daemon finds the entrypoint by this module attribute and checks
+        # the marker oslo.privsep set on what ctx.entrypoint returned.
+        call.__dict__.update(remote.__dict__)
         call.__wrapped__ = func  # type: ignore[attr-defined]
         return call  # type: ignore[return-value]
 
     return decorate
+
+
+def _senders(ctx: Context) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The context's fence_extend / fence_abort entrypoints (their modules import us)."""
+    if ctx is sys_admin_pctxt:
+        from remotefs_aa.privsep import mount as module
+    else:
+        from remotefs_aa.privsep import files as module  # type: ignore[no-redef]
+    return module.fence_extend, module.fence_abort
 
 
 class Settings:
@@ -312,6 +365,8 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
         for opt in section_opts:
             if opt.dest == "capabilities":
                 opt.default = [_CAP_NAMES.get(c, str(c)) for c in capset]
+            elif opt.dest == "thread_pool_size":
+                opt.default = THREAD_POOL_SIZE
         result.append((section, section_opts))
     return result
 

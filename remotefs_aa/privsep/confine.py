@@ -11,6 +11,7 @@ mount arguments in ``mount.py``. Each refusal names the argument and the rule.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -172,6 +173,26 @@ def open_beneath(
             raise exception.PrivilegedArgumentRefused(
                 f"{what} {path!r} has a symbolic link in it; refusing to follow it "
                 f"(privileged operations never follow links below /)"
+            ) from None
+        raise
+
+
+def open_at(dirfd: int, name: str, flags: int, mode: int = 0, shown: str | None = None) -> int:
+    """``openat(dirfd, name, flags | O_NOFOLLOW)``; a symbolic link is a clear refusal.
+
+    ``shown``: the path to name in the refusal (default: ``name``).
+    """
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+    except OSError as exc:
+        link = exc.errno == errno.ELOOP
+        if exc.errno == errno.ENOTDIR and flags & os.O_DIRECTORY:
+            # O_DIRECTORY | O_NOFOLLOW on a link reports ENOTDIR; say which it was.
+            with contextlib.suppress(OSError):
+                link = stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+        if link:
+            raise exception.PrivilegedArgumentRefused(
+                f"{shown or name!r} is a symbolic link; privileged operations never follow one"
             ) from None
         raise
 

@@ -22,8 +22,9 @@ Same command line as oslo.privsep's ``privsep-helper`` (``--privsep_context``,
   otherwise, so files it creates belong to the service and its qemu-img
   children run as the service with no capability.
 
-Then it runs the stock ``oslo_privsep.daemon.Daemon``, which exits when the
-service closes the connection (or dies).
+Then it runs the stock ``oslo_privsep.daemon.Daemon``. When the service
+closes the connection (or dies) the daemon exits at once, and a watchdog
+(``runner.use_watchdog``) kills the qemu-img children still running.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", data)
     return pid, uid, gid
+
+
+def _uid_of(user: str) -> int | None:
+    import pwd
+
+    try:
+        return int(user) if str(user).isdigit() else pwd.getpwnam(str(user)).pw_uid
+    except KeyError:
+        return None
 
 
 def _refuse_foreign_configs() -> None:
@@ -132,12 +142,25 @@ def helper_main() -> None:
     _pid, uid, gid = peer_credentials(sock)
 
     section = context.cfg_section
-    if context is privsep.file_pctxt and uid != 0 and cfg.CONF[section].user is None:
-        cfg.CONF.set_override("user", str(uid), group=section)
-        cfg.CONF.set_override("group", str(gid), group=section)
+    if context is privsep.file_pctxt and uid != 0:
+        configured = cfg.CONF[section].user
+        if configured is None:
+            cfg.CONF.set_override("user", str(uid), group=section)
+            cfg.CONF.set_override("group", str(gid), group=section)
+        elif _uid_of(configured) == 0:
+            # A root file daemon would make root-owned files wherever the
+            # service points it, config files that pass root_controlled included.
+            sys.exit(
+                f"{privsep.HELPER_NAME}: [{section}] user = {configured} would run the file "
+                f"daemon as root for an unprivileged service (uid {uid}); leave it unset "
+                f"(the daemon then runs as the service's user)"
+            )
     keep = [int(c) for c in cfg.CONF[section].capabilities]
     if context is privsep.sys_admin_pctxt:
         runner.child_capabilities = keep  # mount(8) and the FUSE client need them
+    else:
+        # (Not the mount daemon's: a FUSE client it starts must outlive it.)
+        runner.use_watchdog = True
     caps.harden(keep, allow_ambient=context is privsep.sys_admin_pctxt)
     channel = comm.ServerChannel(sock)
 
@@ -149,5 +172,7 @@ def helper_main() -> None:
         priv_daemon.Daemon(channel, context).run()
     except Exception as exc:
         LOG.exception(exc)
-        sys.exit(str(exc))
-    sys.exit(0)
+        os._exit(1)
+    # The service closed the connection (or died): exit now, without waiting
+    # for calls still running; the watchdog then ends their children.
+    os._exit(0)

@@ -16,6 +16,7 @@ becomes one command that the generated rootwrap filters allow (:mod:`legacy`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
@@ -25,6 +26,7 @@ from remotefs_aa import exception
 from remotefs_aa.privsep import (
     confine,
     entrypoint,
+    fence,
     file_pctxt,
     images,
     legacy,
@@ -101,17 +103,11 @@ def make_directory(path: str, mode: int = 0o755) -> None:
                 created = True
             except FileExistsError:
                 created = False
-            nxt = os.open(part, confine.DIR_FLAGS | os.O_NOFOLLOW, dir_fd=current)
+            nxt = confine.open_at(current, part, confine.DIR_FLAGS, shown=path)
             if created:
                 os.fchmod(nxt, bits)  # exactly, whatever the umask
             os.close(current)
             current = nxt
-    except OSError as exc:
-        if exc.errno == 40:  # ELOOP: a link where a directory was expected
-            raise exception.PrivilegedArgumentRefused(
-                f"directory {path!r} has a symbolic link in it; refusing to follow it"
-            ) from None
-        raise
     finally:
         os.close(current)
 
@@ -158,15 +154,16 @@ def _size_file(
     with _parent(path) as (dirfd, name):
         if images.volume_of(name) is None:
             raise exception.PrivilegedArgumentRefused(f"{name!r} is not a volume's image name")
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_NONBLOCK
         try:
-            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, bits, dir_fd=dirfd)
+            fd = confine.open_at(dirfd, name, flags | os.O_CREAT | os.O_EXCL, bits, path)
             os.fchmod(fd, bits)
         except FileExistsError:
-            fd = os.open(name, flags, dir_fd=dirfd)
+            fd = confine.open_at(dirfd, name, flags, shown=path)
         try:
             _single_link(fd, path)
             syscall(fd, size)
+            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -223,7 +220,7 @@ def read_file(path: str, max_bytes: int = MAX_READ) -> str:
 
 def read_at(dirfd: int, name: str, limit: int, shown: str | None = None) -> str:
     """The text of regular file ``name`` in directory ``dirfd`` (no link followed)."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    fd = confine.open_at(dirfd, name, os.O_RDONLY | os.O_NONBLOCK, shown=shown)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise exception.PrivilegedArgumentRefused(f"{shown or name!r} is not a regular file")
@@ -358,6 +355,116 @@ def replace_file_if(
     return None
 
 
+#: Generation claims kept per volume: a writer more than this many generations
+#: behind could re-create an old claim, so they are kept this long (it must
+#: also fail the compare with ``expected``, read next to its claim).
+KEEP_CLAIMS = 16
+
+
+def claim_name(base: str, generation: int) -> str:
+    """The claim file of generation ``generation`` of volume file ``base``."""
+    return f".{base}.gen.{generation}"
+
+
+def effective_info(dirfd: int, base: str, names: set[str] | None = None) -> str | None:
+    """The newest published ``.info`` text: ``<base>.info``, or a newer claim.
+
+    A publisher that died between creating its claim and renaming it into
+    place leaves the claim as the newest state; it counts as published.
+    ``names``: the directory's names if the caller just listed them (no
+    lookups are then made for claims that are not there).
+    """
+    try:
+        text: str | None = read_at(dirfd, base + ".info", MAX_READ)
+    except FileNotFoundError:
+        text = None
+    generation = _generation_of(text)
+    while True:
+        claim = claim_name(base, generation + 1)
+        if names is not None and claim not in names:
+            return text
+        try:
+            newer = read_at(dirfd, claim, MAX_READ)
+        except FileNotFoundError:
+            return text
+        text, generation = newer, generation + 1
+
+
+def _generation_of(text: str | None) -> int:
+    if not text:
+        return 0
+    try:
+        value = json.loads(text).get("generation", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+@entrypoint(file_pctxt)
+def publish_info(
+    directory: str,
+    base: str,
+    data: str,
+    generation: int,
+    expected: str | None,
+    mode: int = 0o640,
+    durable: bool = True,
+) -> str | None:
+    """Compare-and-swap a volume's ``.info``: publish generation ``generation`` exactly once.
+
+    Atomic on the share itself, for writers on any host: the new text is
+    written and fsync'd to a temp file, then *linked* to the claim name
+    ``.<base>.gen.<generation>`` (``link(2)`` fails if the name exists: of
+    all writers that read generation N, exactly one creates N+1), then
+    renamed over ``<base>.info`` (Cinder's name; the same inode as the
+    claim), and the directory is fsync'd: a generation reported as written
+    survives a power cut. ``durable=False`` skips both fsyncs, for claims
+    whose loss in a power cut recovery handles (the exclusive link makes the
+    compare-and-swap atomic either way). ``expected`` is the text the caller
+    read (None: no ``.info`` yet). Returns None when published, otherwise the
+    newest published text (``""`` if none), so the caller can say who won.
+    """
+    bits = confine.file_mode(mode)
+    confine.positive_int(generation, "generation")
+    if images.volume_of(base) is None or "." in base:
+        raise exception.PrivilegedArgumentRefused(f"{base!r} is not a volume's base file name")
+    if runner.via_commands():
+        return legacy.replace_file_if(
+            os.path.join(directory, base + ".info"), data, expected, bits, True
+        )
+    with _directory(directory) as dirfd:
+        current = effective_info(dirfd, base)
+        if current != expected:
+            return "" if current is None else current
+        tmp = f".{base}.info.tmp-{secrets.token_hex(6)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, bits, dir_fd=dirfd)
+        try:
+            try:
+                os.fchmod(fd, bits)
+                view = memoryview(data.encode())
+                while view:
+                    view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, claim_name(base, generation), src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except FileExistsError:
+                return effective_info(dirfd, base) or ""  # another writer won
+            os.rename(tmp, base + ".info", src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dirfd)
+            raise
+        if durable:
+            _sync_dir(dirfd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(claim_name(base, generation - KEEP_CLAIMS), dir_fd=dirfd)
+    return None
+
+
 @entrypoint(file_pctxt)
 def unlink_many(directory: str, names: list[str]) -> list[str]:
     """Remove files ``names`` (plain names) from ``directory``, in order; those removed.
@@ -383,3 +490,15 @@ def unlink_many(directory: str, names: list[str]) -> list[str]:
                 ) from None
             removed.append(name)
     return removed
+
+
+@entrypoint(file_pctxt)
+def fence_extend(token: str, deadline: float) -> bool:
+    """A confirmed lease renewal: let the fenced step ``token`` run until ``deadline``."""
+    return fence.extend(str(token), float(deadline))
+
+
+@entrypoint(file_pctxt)
+def fence_abort(token: str) -> bool:
+    """The lock was lost: end the fenced step ``token`` now."""
+    return fence.abort(str(token))

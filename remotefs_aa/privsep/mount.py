@@ -3,8 +3,8 @@
 The mount point is opened beneath an allowed base without following a link
 and handed to mount(8) as ``/proc/self/fd/N`` with ``--no-canonicalize``, so
 the kernel mounts on exactly the directory that was checked, whatever is
-renamed around it meanwhile; umount runs in that directory's parent
-(``cwd=/proc/self/fd/N``) on its plain name. Shares are ``host:/export``
+renamed around it meanwhile; umount is the ``umount2`` system call on the
+plain name inside the pinned parent directory. Shares are ``host:/export``
 (NFS) or ``host:/volume`` (GlusterFS): never a local path, which
 mount.glusterfs would read as a volfile. Options come from a list per
 filesystem type (what operators set for NFS and the GlusterFS FUSE client);
@@ -16,6 +16,7 @@ CAP_SYS_ADMIN, in their ambient set: see ``caps.py``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from remotefs_aa import exception
 from remotefs_aa.privsep import (
     confine,
     entrypoint,
+    fence,
     process_info,
     runner,
     settings,
@@ -134,6 +136,8 @@ def check_options(kind: str, values: list[str] | str | None) -> list[str]:
 
 
 _PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_UMOUNT_NOFOLLOW = 8
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _mnt_id(fd: int) -> int:
@@ -156,17 +160,11 @@ def _point(mountpoint: str, create: bool = False) -> Iterator[tuple[int, int, st
         if create:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o755, dir_fd=parent)
-        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        fd = confine.open_at(parent, name, _PATH_DIR, shown=mountpoint)
         try:
             yield parent, fd, name
         finally:
             os.close(fd)
-    except OSError as exc:
-        if exc.errno == 40:  # ELOOP
-            raise exception.PrivilegedArgumentRefused(
-                f"mount point {mountpoint!r} is a symbolic link; refusing to follow it"
-            ) from None
-        raise
     finally:
         os.close(parent)
 
@@ -238,20 +236,25 @@ def umount(mountpoint: str) -> bool:
             return False
         runner.run(["umount", "--", target], timeout=s.command_timeout)
         return True
-    with _point(mountpoint) as (parent, fd, name):
-        if not _mounted(parent, fd):
-            return False
-    # The descriptor of the mount itself is closed (it would keep it busy);
-    # umount acts on the plain name inside the checked parent directory.
+    # The parent stays pinned and the name is looked up inside that very
+    # directory, so a directory swapped on the way cannot redirect the unmount
+    # (a directory that is a mount point cannot be renamed into it: EBUSY).
+    # No command: umount(8) would look the mount up again by its absolute path.
+    confine.split_under(mountpoint, s.allowed_paths, "mount point")  # not a base itself
     parent, name = confine.open_parent(mountpoint, s.allowed_paths, "mount point", _PATH_DIR)
     try:
-        runner.run(
-            ["umount", "--no-canonicalize", "--", name],
-            timeout=s.command_timeout,
-            pass_fds=(parent,),
-            cwd=f"/proc/self/fd/{parent}",
-            shown=f"umount {mountpoint}",
-        )
+        fd = confine.open_at(parent, name, _PATH_DIR, shown=mountpoint)
+        try:
+            mounted = _mounted(parent, fd)
+        finally:
+            os.close(fd)  # an open descriptor would keep the mount busy
+        if not mounted:
+            return False
+        if _libc.umount2(f"/proc/self/fd/{parent}/{name}".encode(), _UMOUNT_NOFOLLOW) != 0:
+            err = ctypes.get_errno()
+            raise exception.PrivilegedCommandFailed(
+                f"umount {mountpoint}", err, f"umount: {mountpoint}: {os.strerror(err)}"
+            )
     finally:
         os.close(parent)
     return True
@@ -272,3 +275,15 @@ def is_mounted(mountpoint: str) -> bool:
 def daemon_info() -> dict:
     """Pid, uid and effective capabilities of the mount daemon."""
     return process_info()
+
+
+@entrypoint(sys_admin_pctxt)
+def fence_extend(token: str, deadline: float) -> bool:
+    """A confirmed lease renewal: let the fenced step ``token`` run until ``deadline``."""
+    return fence.extend(str(token), float(deadline))
+
+
+@entrypoint(sys_admin_pctxt)
+def fence_abort(token: str) -> bool:
+    """The lock was lost: end the fenced step ``token`` now."""
+    return fence.abort(str(token))

@@ -66,6 +66,8 @@ def _new_file(dirfd: int, directory: str, name: str, mode: int) -> Iterator[int]
     try:
         os.fchmod(fd, bits)  # exactly: the process umask must not change it
         yield fd
+        # What qemu-img wrote is on disk before the caller publishes it.
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
@@ -415,11 +417,8 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool = Tr
         # Only this volume's files, names only: callers need no sizes.
         listing = files.scan_fd(dirfd, (base, f".{base}"), sizes=False)
         text = None
-        if base + ".info" in listing:
-            try:
-                text = files.read_at(dirfd, base + ".info", files.MAX_READ)
-            except FileNotFoundError:
-                text = None
+        if base + ".info" in listing or any(n.startswith(f".{base}.gen.") for n in listing):
+            text = files.effective_info(dirfd, base, set(listing))
         active: str | None = base
         fmt = default_format
         if text is not None:

@@ -79,11 +79,16 @@ CLIENT_CACHES = (
 class GlusterVolume:
     """glusterd + one volume on one brick, in a namespace of its own."""
 
-    def __init__(self, workdir: str, name: str = "rfsaa") -> None:
+    def __init__(self, workdir: str, name: str | None = None) -> None:
         self.workdir = workdir
-        self.name = name
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # A name of its own: the share string ``host:/name`` is what teardown
+        # unmounts by, and every volume's host is this machine's name, so two
+        # volumes called alike (two test sessions at once) would unmount each
+        # other's mounts. Seen: a two-host run lost both mounts mid-run.
+        self.name = name or f"rfsaa-{tag}"
         self.host = socket.gethostname()
-        self.netns = f"rfsaa-gl-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.netns = f"rfsaa-gl-{tag}"
         self.glusterd: subprocess.Popen | None = None
         self.mounts: list[str] = []
 

@@ -6,13 +6,23 @@ that stays correct with this provider was not testing the locks.
 
 from __future__ import annotations
 
+import os
+
 from remotefs_aa.coordination import base
 
 
 class NoLock(base.Lock):
-    """Always "acquired", excludes no one."""
+    """Always "acquired", excludes no one.
+
+    Except another service's presence lock, which it reports as busy: the
+    share's unshared-locks check would otherwise refuse these services at
+    start (it does catch this provider), and the tests using it are about
+    what the chain checks see when nothing locks.
+    """
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        if "-presence-" in self.name:
+            return f"-{os.getpid()}-" in self.name
         return True
 
     def release(self) -> None:

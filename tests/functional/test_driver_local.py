@@ -52,8 +52,9 @@ def test_volume_with_snapshots_is_deleted_completely(raw_driver):
     for snap in snaps:
         raw_driver.create_snapshot(snap)
     assert len(v.volume_files(raw_driver, vol)) == 5
+    assert len(v.volume_files(raw_driver, vol, claims=True)) == 5 + 4  # one per generation
     raw_driver.delete_volume(vol)
-    assert v.volume_files(raw_driver, vol) == []
+    assert v.volume_files(raw_driver, vol, claims=True) == []
     raw_driver.delete_volume(vol)  # again: nothing left, no error
 
 
@@ -314,3 +315,35 @@ def test_rescanned_capacity_counts_an_extended_chain_at_its_top(tmp_path):
             drv.delete_volume(volume)
     finally:
         service.stop()
+
+
+def test_leftovers_of_interrupted_work_are_swept_unless_their_volume_is_busy(raw_driver, tmp_path):
+    """A dead create's temp file goes; one whose volume's lock another process holds stays."""
+    import time as _time
+
+    from tests.functional.conftest import spawn_worker
+
+    share = raw_driver.shares[0]
+    dead, busy = "0ld-create", "b0sy-create"
+    for name in (f".volume-{dead}.tmp", f".volume-{dead}.info.tmp-abc123", f".volume-{busy}.tmp"):
+        with open(os.path.join(share, name), "wb") as f:
+            f.write(b"x" * 4096)
+    ready = tmp_path / "holder.ready"
+    holder = spawn_worker(
+        "hold", "--config", raw_driver.conf.config_file[0], "--name", busy, "--ready", str(ready)
+    )
+    try:
+        deadline = _time.monotonic() + 30
+        while not ready.exists() and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+        assert ready.exists(), holder.stderr.read() if holder.poll() is not None else "no ready"
+        stats = raw_driver.get_volume_stats(refresh=True)
+        left = sorted(n for n in os.listdir(share) if n.startswith(".volume-"))
+        assert left == [f".volume-{busy}.tmp"]  # the busy volume's is another host's work
+        assert stats["pools"][0]["leftover_files"] == 1
+    finally:
+        holder.kill()
+        holder.wait(10)
+    raw_driver.get_volume_stats(refresh=True)
+    assert not [n for n in os.listdir(share) if n.startswith(".volume-")]
+    assert raw_driver.get_volume_stats()["pools"][0]["leftover_files"] == 0

@@ -1,8 +1,8 @@
 """Every driver method takes exactly the locks of ARCHITECTURE.md's lock map.
 
-The concurrency tests drive the operations inside locks the workload takes
-itself (so the registry changes with the chain), which would not notice a
-driver method that lost or mis-templated its own ``synchronized``. Here the
+The concurrency tests call the driver's decorated methods and would notice a
+method that lost its ``synchronized`` (its chain changes then race), but not
+one whose template names the wrong lock for a case they rarely hit. Here the
 real local driver runs each method with a recording provider in place of
 the configured one, and the names it took are compared with the map.
 """

@@ -261,3 +261,210 @@ def test_daemon_leaks_no_descriptor(daemon_base):
         with pytest.raises(Refused):
             files.read_file("/etc/passwd")
     assert len(os.listdir(f"/proc/{pid}/fd")) == before
+
+
+def test_hundreds_of_megabytes_through_each_mode(base, request):
+    """Export a root-owned 256 MiB volume through the privileged path; data checked, rate shown."""
+    mib = 1024 * 1024
+    vol = os.path.join(base, "volume-big")
+    qemu.qemu_img_create(vol, "raw", 256 * mib)
+    qemu_io(vol, "raw", "write -P 0x5a 0 256M")
+    os.chown(vol, 0, 0)
+    os.chmod(vol, 0o600)
+    copy = os.path.join(base, "volume-copy")
+    started = time.monotonic()
+    qemu.qemu_img_convert(vol, "raw", copy, "qcow2", sparse=False)
+    seconds = time.monotonic() - started
+    qemu_io(copy, "qcow2", "read -P 0x5a 0 256M")  # every byte arrived
+    mode = request.node.callspec.params["base"]
+    print(f"\n  [{mode}] exported 256 MiB in {seconds:.2f} s: {256 / seconds:.0f} MiB/s")
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        kids = []
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):  # each thread's own children
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
+        except FileNotFoundError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def _qemu_children(pid: int) -> list[int]:
+    out = []
+    for child in _descendants(pid):
+        try:
+            with open(f"/proc/{child}/comm") as f:
+                if f.read().strip() == "qemu-img":
+                    out.append(child)
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_killed_daemon_takes_its_running_qemu_img_with_it(daemon_base):
+    """SIGKILL of the file daemon mid-command: its watchdog ends the command too."""
+    import threading
+
+    vol = os.path.join(daemon_base, "volume-long")
+    qemu.qemu_img_create(vol, "raw", 8 << 30)
+    errors: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            qemu.qemu_img_convert(vol, "raw", vol + ".s1", "raw", sparse=False)
+        except BaseException as exc:  # the daemon dies under it
+            errors.append(exc)
+
+    pid = files.daemon_info()["pid"]
+    worker = threading.Thread(target=convert, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 20
+    children: list[int] = []
+    while not children and time.monotonic() < deadline:
+        children = _qemu_children(pid)
+        time.sleep(0.02)
+    assert children, "no qemu-img child of the daemon appeared"
+    os.kill(pid, signal.SIGKILL)
+    assert _gone(children, 5), f"qemu-img {children} outlived its daemon"
+    worker.join(30)
+    assert errors and isinstance(errors[0], exception.PrivilegedDaemonLost), errors
+
+
+SERVICE_WITH_LONG_COPY = """
+import json, os, sys, threading
+from oslo_config import cfg
+from remotefs_aa import opts, privsep
+from remotefs_aa.privsep import files, qemu
+conf = cfg.ConfigOpts(); opts.register_opts(conf); privsep.register_opts(conf)
+conf(["--config-file", sys.argv[1]], default_config_files=[])
+privsep.init(conf)
+vol = os.path.join(sys.argv[2], "volume-long")
+qemu.qemu_img_create(vol, "raw", 8 << 30)
+print(json.dumps({"daemon": files.daemon_info()["pid"]}), flush=True)
+qemu.qemu_img_convert(vol, "raw", vol + ".s1", "raw", sparse=False)
+"""
+
+
+def test_killed_service_leaves_no_daemon_and_no_qemu_img(tmp_path):
+    """SIGKILL of the service mid-command: its daemon exits and ends the command."""
+    import json
+    import sys
+
+    state = tmp_path / "state"
+    state.mkdir()
+    conf = tmp_path / "rfsaa.conf"
+    conf.write_text(f"[DEFAULT]\nstate_path = {state}\n[privileged]\nroot_helper =\n")
+    service = subprocess.Popen(
+        [sys.executable, "-c", SERVICE_WITH_LONG_COPY, str(conf), str(state)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        daemon = json.loads(service.stdout.readline())["daemon"]
+        deadline = time.monotonic() + 20
+        children: list[int] = []
+        while not children and time.monotonic() < deadline:
+            children = _qemu_children(daemon)
+            time.sleep(0.02)
+        assert children, "no qemu-img child of the daemon appeared"
+        service.kill()
+        service.wait(10)
+        assert _gone([daemon, *children], 5), "the daemon or its qemu-img outlived the service"
+    finally:
+        service.kill()
+        service.wait(10)
+
+
+def _long_copy(base: str) -> tuple[str, str]:
+    vol = os.path.join(base, "volume-fenced")
+    if not os.path.exists(vol):
+        qemu.qemu_img_create(vol, "raw", 8 << 30)
+    copy = vol + ".s1"
+    if os.path.exists(copy):
+        os.unlink(copy)
+    return vol, copy
+
+
+def test_a_fenced_step_is_refused_after_its_deadline(daemon_base):
+    from remotefs_aa.privsep import fence
+
+    late = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() - 0.01)
+    with fence.active(late), pytest.raises(exception.LeaseExpired, match="ran out"):
+        files.ping()
+    # The daemon refuses it too when the caller's own check is skipped.
+    with pytest.raises(exception.LeaseExpired, match="before the step could start"):
+        files.ping(_fence=("t0", fence.now() - 0.01))
+
+
+def test_the_daemon_ends_a_running_child_when_the_lease_runs_out(daemon_base):
+    from remotefs_aa.privsep import fence
+
+    vol, copy = _long_copy(daemon_base)
+    pid = files.daemon_info()["pid"]
+    started = time.monotonic()
+    with fence.active(fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 1.0)):
+        with pytest.raises(exception.LeaseExpired, match="ran out while it ran"):
+            qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    assert time.monotonic() - started < 5  # the copy alone takes far longer
+    assert not _qemu_children(pid)
+    assert not os.path.exists(copy)  # and what it made is gone
+
+
+def test_confirmed_renewals_let_a_long_step_finish_and_a_lost_lock_ends_it(daemon_base):
+    import threading
+
+    from remotefs_aa.privsep import fence
+
+    vol = os.path.join(daemon_base, "volume-renewed")
+    qemu.qemu_img_create(vol, "raw", 1 << 30)  # about 1-3 s of copying here
+    copy = vol + ".s1"
+    renewed = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 0.5)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(0.2):
+            renewed.moved(fence.now() + 0.5)
+
+    beater = threading.Thread(target=heartbeat, daemon=True)
+    beater.start()
+    try:
+        with fence.active(renewed):
+            qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)  # outlives 0.5 s
+    finally:
+        stop.set()
+        beater.join()
+    assert os.path.getsize(copy) == 1 << 30
+    os.unlink(copy)
+
+    lost = fence.Fence(["remotefs_aa-v1"], deadline=fence.now() + 60)
+    threading.Timer(0.3, lost.lose, ["the backend said so"]).start()
+    started = time.monotonic()
+    with fence.active(lost), pytest.raises(exception.LeaseExpired):
+        qemu.qemu_img_convert(vol, "raw", copy, "raw", sparse=False)
+    assert time.monotonic() - started < 3
+    with fence.active(lost), pytest.raises(exception.LeaseExpired, match="the backend said so"):
+        files.ping()  # and nothing more starts

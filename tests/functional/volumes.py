@@ -83,11 +83,20 @@ def snapshot_image(driver, snapshot) -> tuple[str, str]:
     return chain.path(link.name), link.format
 
 
-def volume_files(driver, volume) -> list[str]:
-    """Every file of the volume (and its leftovers) on its share, sorted."""
+def volume_files(driver, volume, claims: bool = False) -> list[str]:
+    """Every file of the volume (and its leftovers) on its share, sorted.
+
+    ``claims``: include the compare-and-swap's generation claims
+    (``.volume-<id>.gen.<N>``, a bounded few per volume), which are
+    bookkeeping, not images or leftovers.
+    """
     directory = driver.share_path(volume.provider_location)
     base = f"volume-{volume.id}"
-    return sorted(n for n in os.listdir(directory) if base in n)
+    return sorted(
+        n
+        for n in os.listdir(directory)
+        if base in n and (claims or not n.startswith(f".{base}.gen."))
+    )
 
 
 def new_volume(driver, size: int = 1) -> Volume:
@@ -292,13 +301,13 @@ def exercise_images(driver) -> None:
     driver.delete_volume(vol)
 
 
-def run_demo_workers(
-    configs: list[str], registries: list[str], derived: str, duration: float, seed: int
-) -> list[dict]:
+def run_demo_workers(configs: list[str], workspace: str, duration: float, seed: int) -> list[dict]:
     """One ``remotefs-aa demo-worker`` process per config, all at once; their results.
 
-    Processes start in the calling thread's network namespace (see
-    gluster.entered), so a caller inside one gets workers inside it.
+    Worker ``i`` of ``len(configs)`` uses the workload directory ``workspace``
+    (history, catalog: see remotefs_aa.workload). Processes start in the
+    calling thread's network namespace (see gluster.entered), so a caller
+    inside one gets workers inside it.
     """
     from tests.functional.conftest import worker_env
 
@@ -311,15 +320,17 @@ def run_demo_workers(
             "--config-file",
             config,
             "demo-worker",
-            "--derived",
-            str(derived),
+            "--workspace",
+            workspace,
+            "--index",
+            str(i),
+            "--workers",
+            str(len(configs)),
             "--seed",
             str(seed + i),
             "--duration",
             str(duration),
         ]
-        for reg in registries:
-            argv += ["--registry", reg]
         procs.append(
             subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env()

@@ -53,6 +53,20 @@ class FakeIO:
         self.texts[path] = data
         return None
 
+    def publish_info(self, directory, base, data, generation, expected, mode=0o640, durable=True):
+        """The daemon's compare-and-swap: claim ``.<base>.gen.<N>`` exclusively, then .info."""
+        self._step("replace_text_if")
+        info, claim = f"{directory}/{base}.info", f"{directory}/.{base}.gen.{generation}"
+        current = self.texts.get(info)
+        if current != expected:
+            return "" if current is None else current
+        if claim in self.texts:
+            return self.texts[claim]
+        self.texts[claim] = data
+        self.texts[info] = data
+        self.modes[info] = mode
+        return None
+
     def unlink(self, path):
         self._step("unlink")
         return self.images.pop(path, None) is not None or self.texts.pop(path, None) is not None
@@ -235,18 +249,34 @@ def test_delete_middle_snapshot_commits_rebases_and_unlinks(io):
     c = _with_snaps(io, 3)
     io.calls.clear()
     c.delete_snapshot("s2")
-    assert io.calls == ["replace_text_if", "commit", "rebase_unsafe", "unlink", "replace_text_if"]
+    # Intent, then every destructive step claimed through the compare-and-swap first.
+    claim = "replace_text_if"
+    assert io.calls == [
+        "replace_text_if", claim, "commit", claim, "rebase_unsafe", claim, "unlink",
+        "replace_text_if",
+    ]  # fmt: skip
     assert io.images[f"{D}/volume-v1.s3"]["backing"] == "volume-v1.s1"
     state = c.load()
     assert "s2" not in state.snapshots and state.active == "volume-v1.s3"
     assert c.verify()["problems"] == []
 
 
+def test_deleting_a_missing_snapshot_changes_nothing_and_says_so(io):
+    c = _with_snaps(io, 1)
+    before = c.load()
+    io.calls.clear()
+    state = c.delete_snapshot("nosuch")
+    assert state.not_found and io.calls == []  # idempotent: no write, no error
+    assert c.load().generation == before.generation
+    assert not c.delete_snapshot("s1").not_found
+
+
 def test_delete_active_snapshot_makes_its_base_active(io):
     c = _with_snaps(io, 2)
     io.calls.clear()
     c.delete_snapshot("s2")
-    assert io.calls == ["replace_text_if", "commit", "unlink", "replace_text_if"]
+    claim = "replace_text_if"
+    assert io.calls == ["replace_text_if", claim, "commit", claim, "unlink", "replace_text_if"]
     assert c.load().active == "volume-v1.s1"
 
 
@@ -287,7 +317,7 @@ def test_interrupted_revert_is_redone(io):
 
 def test_revert_only_to_latest(io):
     c = _with_snaps(io, 2)
-    with pytest.raises(exception.InvalidSnapshot, match="latest"):
+    with pytest.raises(exception.InvalidSnapshot, match="latest snapshot .*, s2; s1 is older"):
         c.revert("s1")
 
 

@@ -19,6 +19,7 @@ from remotefs_aa.drivers import mounted
 SAMPLES: dict[type, tuple] = {
     exception.RemoteFSAAError: ("something failed",),
     exception.InvalidConfig: ("[privileged] mode", "fast", "not a mode"),
+    exception.UsageError: ("lock check: --rounds must be at least 1",),
     exception.PluginNotFound: ("volume driver", "nfz", ["local", "nfs"], "typo?"),
     exception.PluginLoadFailed: ("could not import x",),
     exception.LockError: ("lock trouble",),
@@ -29,6 +30,7 @@ SAMPLES: dict[type, tuple] = {
     exception.LockBusy: ("remotefs_aa-v1", "held elsewhere"),
     exception.LockBackendUnavailable: ("remotefs_aa-v1", "redis down"),
     exception.LockProviderStartFailed: ("cannot reach redis",),
+    exception.LeaseExpired: ("remotefs_aa-v1", "qemu_img_commit", "lease ran out 1.2 s ago"),
     exception.HostLocalLockProvider: ("cluster set, file locks",),
     exception.PrivilegedError: ("privileged trouble",),
     exception.PrivilegedArgumentRefused: ("path '/etc' lies outside",),

@@ -109,3 +109,61 @@ def test_synchronized_over_local_provider_with_threads(tmp_path):
         assert counter["n"] == 100
     finally:
         coordination.stop()
+
+
+def test_start_leaves_no_file_and_clean_removes_a_free_lock_file(provider):
+    import os
+
+    assert os.listdir(provider.lock_path) == []  # the start probe is gone again
+    lock = provider.get_lock("remotefs_aa-v1")
+    assert lock.acquire()
+    provider.clean("remotefs_aa-v1")  # held: left alone
+    assert os.listdir(provider.lock_path) == ["remotefs_aa-v1"]
+    lock.release()
+    provider.clean("remotefs_aa-v1")
+    provider.clean("remotefs_aa-never-used")
+    assert os.listdir(provider.lock_path) == []
+
+
+_WAITER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from remotefs_aa.coordination.local import LocalLockProvider
+from tests.unit.fakes import make_conf
+lock = LocalLockProvider(make_conf(lock_path={path!r})).get_lock("remotefs_aa-v1")
+print("waiting", flush=True)
+assert lock.acquire()
+print("got", flush=True)
+time.sleep(3)
+lock.release()
+"""
+
+
+def test_a_waiter_on_a_removed_lock_file_takes_the_lock_on_the_current_file(provider):
+    """The race clean() must not open: a lock on an unlinked file excludes nobody."""
+    import os
+    import subprocess
+    import sys
+
+    from tests import REPO
+
+    holder = provider.get_lock("remotefs_aa-v1")
+    assert holder.acquire()
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", _WAITER.format(repo=REPO, path=provider.lock_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert waiter.stdout.readline() == "waiting\n"
+        time.sleep(0.5)  # it has opened the file and waits on it
+        os.unlink(holder.path)  # what clean() does, under the lock
+        holder.release()
+        assert waiter.stdout.readline() == "got\n"
+        # The waiter holds the lock on the file the name now stands for, so a
+        # newcomer is excluded (on the unlinked file, it would not be).
+        newcomer = provider.get_lock("remotefs_aa-v1")
+        assert newcomer.acquire(blocking=False) is False
+    finally:
+        waiter.kill()
+        waiter.wait()

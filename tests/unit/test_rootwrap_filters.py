@@ -25,8 +25,8 @@ class Recorder(runner.Executor):
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def execute(self, argv, stdin, timeout, pass_fds=(), cwd=None):
-        assert not pass_fds and cwd is None  # rootwrap runs commands by path
+    def execute(self, argv, stdin, timeout, pass_fds=()):
+        assert not pass_fds  # rootwrap runs commands by path
         wrapped = ["timeout", "--kill-after=5", str(int(timeout)), *argv]
         self.calls.append(wrapped)
         if "info" in argv:

@@ -76,3 +76,19 @@ def test_nfs_version_fallback_unless_pinned(tmp_path):
     for pinned in ("vers=3", "nfsvers=4.1", "v4"):
         driver._share_info = {"s:/a": shares.Share("s:/a", (pinned,))}
         assert driver.option_variants("s:/a") == [[pinned]]
+
+
+@pytest.mark.parametrize("kind", ["nfs", "glusterfs"])
+def test_the_shipped_shares_file_examples_parse(kind):
+    """etc/remotefs_aa/<kind>_shares.example is what an operator copies: it must be valid."""
+    import os
+
+    from tests import REPO
+
+    path = os.path.join(REPO, "etc", "remotefs_aa", f"{kind}_shares.example")
+    found = shares.parse_shares_file(path, kind)
+    assert len(found) >= 2 and any(s.options for s in found)
+    from remotefs_aa.privsep import mount
+
+    for share in found:  # and the privileged daemon would mount with those options
+        assert mount.check_options(kind, list(share.options)) == list(share.options)
