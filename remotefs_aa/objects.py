@@ -24,9 +24,14 @@ class Volume:
     error: str | None = None
 
     @property
+    def name_id(self) -> str:
+        """The id the files are named by; Cinder's differs from ``id`` after a migration."""
+        return self.id
+
+    @property
     def name(self) -> str:
-        """The base file's name, as in Cinder (``volume_name_template``)."""
-        return f"volume-{self.id}"
+        """The base file's name, as in Cinder (``volume_name_template`` % ``name_id``)."""
+        return f"volume-{self.name_id}"
 
 
 @dataclasses.dataclass

@@ -47,6 +47,14 @@ core_opts = [
         "the service refuses to start with a lock provider whose locks do not "
         "span hosts.",
     ),
+    cfg.StrOpt(
+        "image_conversion_dir",
+        default="$state_path/conversion",
+        help="Where images are downloaded to before they are checked and "
+        "converted into a volume, and where volumes are converted before "
+        "they are uploaded (Cinder's option). Must lie under [privileged] "
+        "allowed_paths and be writable by the service.",
+    ),
 ]
 
 coordination_opts = [
@@ -215,7 +223,9 @@ privileged_opts = [
     ),
 ]
 
-#: Options every RemoteFS driver reads (Cinder's names where Cinder has them).
+#: Options every RemoteFS driver reads (Cinder's names, types and defaults
+#: where Cinder has them). Under Cinder these live in each backend section and
+#: [backend_defaults]; standalone, in [DEFAULT].
 driver_opts = [
     cfg.StrOpt(
         "volume_backend_name",
@@ -229,20 +239,15 @@ driver_opts = [
         help="Percentage of each share's capacity kept free: a share whose free "
         "space would drop below it takes no new volume.",
     ),
-    cfg.FloatOpt(
-        "max_over_subscription_ratio",
-        default=20.0,
-        min=1.0,
-        help="Thin provisioning: the provisioned size of all volumes on a share "
-        "may reach this multiple of its capacity (1.0 = no over-subscription).",
-    ),
     cfg.StrOpt(
-        "image_conversion_dir",
-        default="$state_path/conversion",
-        help="Where images are downloaded to before they are checked and "
-        "converted into a volume, and where volumes are converted before "
-        "they are uploaded (Cinder's option). Must lie under [privileged] "
-        "allowed_paths and be writable by the service.",
+        "max_over_subscription_ratio",
+        default="20.0",
+        regex=r"^(auto|\d*\.\d+|\d+)$",
+        help="Thin provisioning: the provisioned size of all volumes on a share "
+        "may reach this multiple of its capacity (1.0 = no over-subscription; at "
+        "least 1.0). 'auto' derives it from the share's use as Cinder's scheduler "
+        "does: 1 + provisioned / (used + 1) GiB, or 20 on an empty share. A string, "
+        "as Cinder's option is, so one cinder.conf line means the same in both.",
     ),
     cfg.IntOpt(
         "provisioned_capacity_refresh_interval",
@@ -324,9 +329,10 @@ nas_driver_opts = [
     *_share_driver_opts("nfs", "NFS", "nfs_shares"),
     cfg.BoolOpt(
         "nfs_snapshot_support",
-        default=True,
-        help="Allow snapshots on NFS shares. (Cinder's default is False, for old "
-        "libvirt; snapshots are what remotefs_aa is for.)",
+        default=False,
+        help="Allow snapshots on NFS shares (Cinder's option and default). Unlike "
+        "Cinder's NFS driver, snapshots also work with nas_secure_file_operations "
+        "true: the chain code runs as the service user then.",
     ),
     *_share_driver_opts(
         "glusterfs",
@@ -337,28 +343,86 @@ nas_driver_opts = [
         "with several hosts on one volume, a cached entry would hide a file "
         "another host just created (see doc/glusterfs.md).",
     ),
-    cfg.StrOpt("nas_host", help="NFS server address, instead of nfs_shares_config."),
-    cfg.StrOpt("nas_share_path", help="Export path on nas_host, e.g. /srv/volumes."),
-    cfg.StrOpt("nas_mount_options", help="Mount options for the nas_host share."),
+    cfg.StrOpt("nas_host", default="", help="NFS server address, instead of nfs_shares_config."),
+    cfg.StrOpt("nas_share_path", default="", help="Export path on nas_host, e.g. /srv/volumes."),
+    cfg.StrOpt(
+        "nas_mount_options",
+        help="Mount options for NFS shares (comma separated): when set, used "
+        "instead of nfs_mount_options (Cinder's meaning), and the options of the "
+        "nas_host share.",
+    ),
     cfg.StrOpt(
         "nas_secure_file_operations",
         default="auto",
-        choices=["true", "false", "auto"],
-        help="true: volume file operations run as this service's user, not through "
-        "the root daemon. auto: true on a share that has no volume yet, false on one "
-        "that has (decided once, remembered in the share).",
+        help="true, false or auto (any case, as in Cinder). true: volume file "
+        "operations run as this service's user, not through the root daemon. auto: "
+        "true on a share that has no volume yet, false on one that has, decided "
+        "once and remembered in the share (Cinder decides by whether its database "
+        "is empty; a share's own content is what several hosts agree on).",
     ),
     cfg.StrOpt(
         "nas_secure_file_permissions",
         default="auto",
-        choices=["true", "false", "auto"],
-        help="true: new volume files get mode 0660, false: 0666 (Cinder's). auto: "
-        "as for nas_secure_file_operations.",
+        help="true, false or auto (any case). true: new volume files get mode "
+        "0660, false: 0666 (Cinder's meanings). auto: as for "
+        "nas_secure_file_operations.",
     ),
 ]
 
 COORDINATION_GROUP = "coordination"
 PRIVILEGED_GROUP = "privileged"
+
+
+def backend_opts() -> list[cfg.Opt]:
+    """The options of one volume backend (a backend section under Cinder)."""
+    return [*driver_opts, *local_driver_opts, *nas_driver_opts]
+
+
+def service_group_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    """The service-wide groups besides [DEFAULT]: [coordination] and [privileged]."""
+    return [
+        (COORDINATION_GROUP, list(coordination_opts)),
+        (PRIVILEGED_GROUP, list(privileged_opts)),
+    ]
+
+
+#: Cinder's scheduler uses this ratio for 'auto' on a pool nothing is provisioned on.
+AUTO_RATIO_WHEN_EMPTY = 20.0
+
+
+def parse_over_subscription_ratio(value: object) -> float | str:
+    """``max_over_subscription_ratio`` as a number >= 1, or the string 'auto'.
+
+    Both worlds read the option as a string (Cinder's type), so this is the one
+    place that says what the text means; ValueError names what is wrong.
+    """
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    ratio = float(text)
+    if ratio < 1.0:
+        raise ValueError(f"must be at least 1.0 or 'auto', not {ratio}")
+    return ratio
+
+
+def effective_over_subscription_ratio(
+    value: object, total: float, free: float, provisioned: float
+) -> float:
+    """The ratio to plan with; 'auto' is derived as Cinder's scheduler derives it.
+
+    Any unit works as long as all three sizes use the same one; 'auto' adds 1
+    GiB to the used space as Cinder does, so sizes are in bytes here.
+    """
+    ratio = parse_over_subscription_ratio(value)
+    if ratio != "auto":
+        return float(ratio)
+    if not provisioned:
+        return AUTO_RATIO_WHEN_EMPTY
+    gib = 1024**3
+    return 1.0 + provisioned / (max(0.0, total - free) + gib)
+
+
+SECURE_VALUES = ("true", "false", "auto")
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
@@ -423,6 +487,15 @@ def validate(conf: cfg.ConfigOpts) -> None:
             # part that says what is wrong with the value.
             reason = str(exc).rpartition(" is not valid: ")[2]
             raise exception.InvalidConfig(qualified, _raw_value(conf, group, opt), reason) from exc
+    try:
+        parse_over_subscription_ratio(conf.max_over_subscription_ratio)
+    except ValueError as exc:
+        raise exception.InvalidConfig(
+            "max_over_subscription_ratio", conf.max_over_subscription_ratio, str(exc)
+        ) from None
+    for name in ("nas_secure_file_operations", "nas_secure_file_permissions"):
+        if str(conf[name]).strip().lower() not in SECURE_VALUES:
+            raise exception.InvalidConfig(name, conf[name], "must be true, false or auto")
     coord = conf[COORDINATION_GROUP]
     if coord.max_reconnect_backoff < coord.initial_reconnect_backoff:
         raise exception.InvalidConfig(

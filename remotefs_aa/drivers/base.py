@@ -22,14 +22,30 @@ class VolumeDriver(abc.ABC):
     Drivers are constructed with the service's ``ConfigOpts`` and a host
     name, then ``do_setup`` and ``check_for_setup_error`` run once before any
     volume operation. Volumes and snapshots are plain objects with Cinder's
-    attribute names (``id``, ``name``, ``size``, ``provider_location``,
-    ``volume``, ``volume_id``, ``status``).
+    attribute names (``id``, ``name``, ``name_id``, ``size``,
+    ``provider_location``, ``volume``, ``volume_id``, ``status``).
+
+    Cinder's volume service builds the very same classes with its own
+    keywords (``configuration=``, ``host=``, ``cluster_name=``, ...):
+    :meth:`__new__` then returns an instance of the class's Cinder form
+    (:mod:`remotefs_aa.drivers.cinder_caller`), which also derives from
+    Cinder's ``BaseVD``. Cinder is imported only on that path, so the CLI,
+    the demo and the tests run without it.
     """
 
     #: Entry-point style name, for logs and stats.
     driver_name = "abstract"
     #: ``driver_volume_type`` reported by ``initialize_connection``.
     driver_volume_type = "abstract"
+    #: Driver version, reported in stats (Cinder's ``get_version``).
+    VERSION = "1.0.0"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> VolumeDriver:
+        if "configuration" in kwargs and not getattr(cls, "cinder_form", False):
+            from remotefs_aa.drivers import cinder_caller
+
+            return super().__new__(cinder_caller.cinder_class(cls))
+        return super().__new__(cls)
 
     def __init__(self, conf: cfg.ConfigOpts, host: str | None = None) -> None:
         self.conf = conf
@@ -81,9 +97,14 @@ class VolumeDriver(abc.ABC):
     # -- images and attachment -----------------------------------------------
     @abc.abstractmethod
     def copy_image_to_volume(
-        self, context: Any, volume: Any, image_service: Any, image_id: str
+        self,
+        context: Any,
+        volume: Any,
+        image_service: Any,
+        image_id: str,
+        disable_sparse: bool = False,
     ) -> None:
-        """Fill ``volume`` from an image."""
+        """Fill ``volume`` from an image (``disable_sparse``: allocate every block)."""
 
     @abc.abstractmethod
     def copy_volume_to_image(

@@ -25,7 +25,7 @@ class LocalDriver(RemoteFSDriver):
         for entry in self.conf.local_shares:
             if not entry or not os.path.isabs(entry):
                 raise exception.InvalidConfig(
-                    "[DEFAULT] local_shares", entry, "each share must be an absolute directory"
+                    self.where("local_shares"), entry, "each share must be an absolute directory"
                 )
             shares.append(os.path.normpath(entry))
         return shares

@@ -4,8 +4,9 @@
   (``RemoteFsClient.get_mount_point``), so a compute host's os-brick connector
   finds the very directory this service uses.
 * Mounting goes through the privileged daemon (``privsep.mount``), under a
-  per-share lock (``mount-<host>-<hash>``: two drivers on one host never race,
-  other hosts are not held up). An existing mount is reused. Each attempt tries
+  per-share lock (``mount-<host>-<hash>``, the host without Cinder's
+  ``@backend``: two drivers on one host never race, other hosts are not held
+  up). An existing mount is reused. Each attempt tries
   the option variants of the filesystem (NFS: 4.2, 4.1, then the default,
   unless the options pin a version); ``*_mount_attempts`` rounds are made,
   with a short back-off. A share that will not mount raises ShareMountFailed
@@ -14,7 +15,11 @@
 * ``nas_secure_file_permissions`` / ``nas_secure_file_operations``, with
   Cinder's 'auto' (decided once per share and remembered in the share's
   ``.remotefs_aaSecureEnvIndicator`` file: 'true' on a share with no volume
-  yet, 'false' on one that already has volumes).
+  yet, 'false' on one that already has volumes; a share Cinder's own NFS
+  driver used keeps the decision in its ``.cinderSecureEnvIndicator``).
+* Connection info as Cinder's NFS driver returns it, which os-brick's
+  connectors mount: ``options`` are mount *flags* (``-o a,b``) and
+  ``mount_point_base`` (next to ``data``) is this service's mount base.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from remotefs_aa.drivers.remotefs import RemoteFSDriver
 LOG = logging.getLogger(__name__)
 
 SECURE_INDICATOR = ".remotefs_aaSecureEnvIndicator"
+#: Where Cinder's own NFS driver remembers its 'auto' decision for a share.
+CINDER_SECURE_INDICATOR = ".cinderSecureEnvIndicator"
 
 
 class ShareMountFailed(exception.VolumeError):
@@ -92,17 +99,28 @@ class MountedShareDriver(RemoteFSDriver):
     def share_path(self, share: str) -> str:
         return self._os_brick().get_mount_point(share)
 
+    def common_mount_options(self) -> tuple[str, ...]:
+        """The options every share of this driver is mounted with."""
+        return shares_mod.check_options(
+            self.option("mount_options"), self.where(f"{self.driver_name}_mount_options")
+        )
+
     def mount_options(self, share: str) -> list[str]:
         """The service-wide options, then the share's own (later ones win in mount)."""
-        common = shares_mod.check_options(
-            self.option("mount_options"), f"[DEFAULT] {self.driver_name}_mount_options"
-        )
         info = self._share_info.get(share)
-        return [*common, *(info.options if info else ())]
+        return [*self.common_mount_options(), *(info.options if info else ())]
 
     def share_options(self, share: str) -> str | None:
+        """Mount flags for os-brick (``-o a,b``): it passes them to mount(8) as they are."""
         options = self.mount_options(share)
-        return ",".join(options) if options else None
+        return "-o " + ",".join(options) if options else None
+
+    def _connection(self, share: str, name: str, fmt: str) -> dict:
+        info = super()._connection(share, name, fmt)
+        # os-brick's connector takes its mount base from here unless the
+        # compute host configures its own (Nova does); Cinder returns its own.
+        info["mount_point_base"] = os.path.realpath(self.mount_base)
+        return info
 
     def option_variants(self, share: str) -> list[list[str]]:
         """The option lists to try in order, for one mount attempt."""
@@ -114,13 +132,18 @@ class MountedShareDriver(RemoteFSDriver):
         from remotefs_aa.privsep import mount
 
         mountpoint = self.share_path(share)
-        name = f"mount-{self.host}-{os.path.basename(mountpoint)}"
-        with coordination.locked(name, purpose=f"mount {share}"):
+        with coordination.locked(self._mount_lock(mountpoint), purpose=f"mount {share}"):
             if mount.is_mounted(mountpoint):
                 LOG.info("share %s: already mounted at %s, reused", share, mountpoint)
             else:
                 self._mount(share, mountpoint)
         self._decide_secure(share)
+
+    def _mount_lock(self, mountpoint: str) -> str:
+        # Mounts are per machine: Cinder's host is "host@backend", and two
+        # backends of one machine on one share must not race each other.
+        machine = self.host.partition("@")[0]
+        return f"mount-{machine}-{os.path.basename(mountpoint)}"
 
     def _mount(self, share: str, mountpoint: str) -> None:
         from remotefs_aa.privsep import files, mount
@@ -161,8 +184,7 @@ class MountedShareDriver(RemoteFSDriver):
         self.close()  # leave the shares (this service's records there) while they are mounted
         for share in self._shares:
             mountpoint = self.share_path(share)
-            name = f"mount-{self.host}-{os.path.basename(mountpoint)}"
-            with coordination.locked(name, purpose=f"unmount {share}"):
+            with coordination.locked(self._mount_lock(mountpoint), purpose=f"unmount {share}"):
                 mount.umount(mountpoint)
 
     def do_setup(self, context: Any = None) -> None:
@@ -176,22 +198,26 @@ class MountedShareDriver(RemoteFSDriver):
     def _check_mount_base(self) -> None:
         if not self.daemon_may_act_in(self.mount_base):
             raise exception.InvalidConfig(
-                f"[DEFAULT] {self.driver_name}_mount_point_base",
+                self.where(f"{self.driver_name}_mount_point_base"),
                 self.mount_base,
-                "must lie inside [privileged] allowed_paths (the privileged daemon mounts "
-                "only there)",
+                f"must lie inside [privileged] allowed_paths ({self.allowed_paths_text()}): "
+                f"the privileged daemon mounts only there",
             )
 
     # -- secure file operations ------------------------------------------------------
 
     def _decide_secure(self, share: str) -> None:
         """Resolve 'auto' for nas_secure_file_operations / _permissions on ``share``."""
-        ops = str(self.conf.nas_secure_file_operations).lower()
-        perms = str(self.conf.nas_secure_file_permissions).lower()
+        ops = str(self.conf.nas_secure_file_operations).strip().lower()
+        perms = str(self.conf.nas_secure_file_permissions).strip().lower()
         if "auto" in (ops, perms):
             path = self.share_path(share)
             indicator = os.path.join(path, SECURE_INDICATOR)
             text = self.io.read_text(indicator)
+            cinders = os.path.join(path, CINDER_SECURE_INDICATOR)
+            if text is None and self.io.read_text(cinders) is not None:
+                # A share Cinder's NFS driver made secure: its file says so by existing.
+                text = "true"
             if text is None:
                 files = self.io.list_directory(path)
                 fresh = not any(n.startswith("volume-") for n in files)

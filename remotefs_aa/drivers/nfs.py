@@ -26,18 +26,26 @@ class NfsDriver(MountedShareDriver):
         if self.conf.nas_host:
             if not self.conf.nas_share_path:
                 raise exception.InvalidConfig(
-                    "[DEFAULT] nas_share_path", None, "is required when nas_host is set"
+                    self.where("nas_share_path"),
+                    self.conf.nas_share_path,
+                    "is required when nas_host is set",
                 )
-            where = "[DEFAULT] nas_host/nas_share_path"
+            where = self.where("nas_host") + "/nas_share_path"
             share = shares_mod.parse_line(
                 f"{self.conf.nas_host}:{self.conf.nas_share_path}", "nfs", where
             )
-            options = shares_mod.check_options(
-                self.conf.nas_mount_options, "[DEFAULT] nas_mount_options"
-            )
             assert share is not None
-            return [shares_mod.Share(share.address, options)]
+            # Its options are nas_mount_options, the common ones (below).
+            return [shares_mod.Share(share.address)]
         return super()._configured_shares()
+
+    def common_mount_options(self) -> tuple[str, ...]:
+        """nas_mount_options when set (it replaces nfs_mount_options, as in Cinder)."""
+        if self.conf.nas_mount_options:
+            return shares_mod.check_options(
+                self.conf.nas_mount_options, self.where("nas_mount_options")
+            )
+        return super().common_mount_options()
 
     def option_variants(self, share: str) -> list[list[str]]:
         options = self.mount_options(share)

@@ -9,7 +9,11 @@ daemon). Everything else is here, once:
 * every operation takes its locks through ``coordination.synchronized``, by
   the lock map of doc/architecture.md: the volume for create / delete /
   extend / revert and for its snapshots; source and new volume for clones and
-  for volumes made from a snapshot;
+  for volumes made from a snapshot. A lock names the chain by the id in its
+  file names (``name_id``: Cinder's ``id`` unless the volume was migrated),
+  so every operation on one set of files takes the same lock;
+* files are named as Cinder names them: ``volume.name`` (``volume-<name_id>``)
+  for the base, ``<volume.name>.<snapshot.id>`` for overlays;
 * every privileged step goes through ``remotefs_aa.privsep``.
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from remotefs_aa import coordination, exception
+from remotefs_aa import coordination, exception, opts
 from remotefs_aa.coordination import synchronized
 from remotefs_aa.drivers import presence
 from remotefs_aa.drivers.base import ModelUpdate, VolumeDriver
@@ -37,7 +41,7 @@ from remotefs_aa.objects import Volume
 
 LOG = logging.getLogger(__name__)
 
-VERSION = "1.0.0"
+VERSION = VolumeDriver.VERSION
 _BASE_RE = re.compile(r"^volume-([A-Za-z0-9][A-Za-z0-9_-]*)$")
 _LEFTOVER = re.compile(
     r"^\.volume-(?P<vol>[A-Za-z0-9][A-Za-z0-9_-]{0,127})\.(?:tmp|info\.tmp-[0-9a-f]+)$"
@@ -60,9 +64,17 @@ class RemoteFSDriver(VolumeDriver):
     def storage_protocol(self) -> str:
         return self.driver_name
 
+    #: The config section of the driver's options: [DEFAULT] standalone, the
+    #: backend's own section under Cinder.
+    option_section = "DEFAULT"
+
     def option(self, name: str) -> Any:
-        """The driver's own option ``<driver_name>_<name>`` (in [DEFAULT])."""
+        """The driver's own option ``<driver_name>_<name>``."""
         return self.conf[f"{self.driver_name}_{name}"]
+
+    def where(self, name: str) -> str:
+        """Option ``name`` as an operator finds it: ``[section] name``."""
+        return f"[{self.option_section}] {name}"
 
     def __init__(
         self, conf: cfg.ConfigOpts, host: str | None = None, io: ImageIO | None = None
@@ -73,6 +85,7 @@ class RemoteFSDriver(VolumeDriver):
         self._provisioned: dict[str, dict[str, int]] = {}
         self._scanned_at: dict[str, float] = {}
         self._stats_lock = threading.Lock()
+        self._daemon_paths: list[str] | None = None
         self._presence: presence.Presence | None = None
         #: Per share, leftovers of interrupted work the last sweep had to keep.
         self._leftovers: dict[str, list[str]] = {}
@@ -220,7 +233,7 @@ class RemoteFSDriver(VolumeDriver):
         if not self.daemon_may_act_in(path):
             raise exception.InvalidConfig(
                 "[privileged] allowed_paths",
-                self.conf.privileged.allowed_paths,
+                self.allowed_paths_text(),
                 f"share {share} ({path}) lies outside it; the privileged daemon "
                 f"would refuse every file operation there. Add its directory",
             )
@@ -233,13 +246,59 @@ class RemoteFSDriver(VolumeDriver):
 
         The privileged daemon refuses every path outside them, so a share,
         mount base or conversion directory elsewhere is a configuration error
-        to report at once, not a refusal on the first operation.
+        to report at once, not a refusal on the first operation. Both lists
+        count: the service's, and the one the daemon read as root from the
+        same config files, which can differ (under Cinder, an unset
+        ``state_path`` is Cinder's default in the service but ours in the
+        daemon, which does not know Cinder's options).
         """
         real = os.path.realpath(directory)
-        return any(
-            real == base or real.startswith(base.rstrip("/") + "/")
-            for base in (os.path.realpath(p) for p in self.conf.privileged.allowed_paths if p)
+        return all(
+            any(
+                real == base or real.startswith(base.rstrip("/") + "/")
+                for base in (os.path.realpath(p) for p in paths if p)
+            )
+            for paths in (self.conf.privileged.allowed_paths, self.daemon_allowed_paths())
         )
+
+    def daemon_allowed_paths(self) -> list[str]:
+        """``[privileged] allowed_paths`` as the privileged daemon enforces it (asked once)."""
+        if self._daemon_paths is None:
+            files = getattr(self.io, "files", None)
+            info = files.daemon_info() if files is not None else {}
+            self._daemon_paths = list(
+                info.get("allowed_paths") or self.conf.privileged.allowed_paths
+            )
+        return self._daemon_paths
+
+    def allowed_paths_text(self) -> str:
+        """``allowed_paths`` for an error message, with the daemon's if it differs."""
+        ours = [p for p in self.conf.privileged.allowed_paths if p]
+        theirs = self.daemon_allowed_paths()
+        if [os.path.realpath(p) for p in ours] == [os.path.realpath(p) for p in theirs]:
+            return str(ours)
+        return (
+            f"{ours} here, {theirs} in the privileged daemon (which reads the same "
+            f"config files as root, without the caller's defaults: set state_path or "
+            f"[privileged] allowed_paths there explicitly)"
+        )
+
+    @staticmethod
+    def chain_id(volume: Any) -> str:
+        """The id in ``volume``'s file names, from ``volume.name`` as Cinder names files.
+
+        Cinder's ``volume.name`` is ``volume_name_template % name_id``; after a
+        migration ``name_id`` is not ``id``. The privileged daemon accepts only
+        ``volume-<id>[.<snapshot id>]`` names, so any other template is refused.
+        """
+        name = getattr(volume, "name", None) or f"volume-{volume.id}"
+        if not isinstance(name, str) or not name.startswith("volume-"):
+            raise exception.InvalidVolume(
+                f"volume {volume.id} is named {name!r}; remotefs_aa names files "
+                f"volume-<id> (Cinder's default volume_name_template 'volume-%s'), "
+                f"which its privileged daemon checks"
+            )
+        return name[len("volume-") :]
 
     def _share_of(self, volume: Any) -> str:
         share = getattr(volume, "provider_location", None)
@@ -255,7 +314,7 @@ class RemoteFSDriver(VolumeDriver):
         return Chain(
             self.io_for(share),
             self.share_path(share),
-            volume.id,
+            self.chain_id(volume),
             volume.size,
             self.volume_format,
             self.file_mode(share),
@@ -280,13 +339,13 @@ class RemoteFSDriver(VolumeDriver):
 
     # -- volumes -------------------------------------------------------------
 
-    @synchronized("{volume.id}")
+    @synchronized("{volume.name_id}")
     def create_volume(self, volume: Any) -> ModelUpdate:
-        share = self.find_share(volume.size)
+        share = self.choose_share(volume)
         started = time.monotonic()
         chain = self.chain(volume, share)
         chain.create_base(self.volume_format, "thick" if self.thick else "thin")
-        self._account(share, volume.id, volume.size * GiB)
+        self._account(share, chain.volume_id, volume.size * GiB)
         LOG.info(
             "volume %s: created on %s (%s%s, %d GiB) in %.0f ms",
             volume.id,
@@ -298,15 +357,46 @@ class RemoteFSDriver(VolumeDriver):
         )
         return {"provider_location": share}
 
-    @synchronized("{volume.id}")
+    @synchronized("{volume.name_id}")
     def delete_volume(self, volume: Any) -> None:
+        """Remove every file of the volume; a volume never (fully) created is fine.
+
+        Without ``provider_location`` (a create that failed or whose service
+        died before it returned) the shares are searched for the volume's own
+        files, such as a half-written temp file, so nothing is left behind.
+        """
         share = getattr(volume, "provider_location", None)
-        if not share:
-            LOG.warning("volume %s: no provider_location, nothing to delete", volume.id)
+        shares = [share] if share else self._shares_holding(volume)
+        if not shares:
+            LOG.info("volume %s: no file on any share, nothing to delete", volume.id)
             return
-        self.chain(volume, share).delete_volume()
-        self._account(share, volume.id, None)
-        LOG.info("volume %s: deleted from %s", volume.id, share)
+        for found in shares:
+            chain = self.chain(volume, found)
+            chain.delete_volume()
+            self._account(found, chain.volume_id, None)
+            LOG.info("volume %s: deleted from %s", volume.id, found)
+
+    def _shares_holding(self, volume: Any) -> list[str]:
+        """The shares holding a file of ``volume``'s chain (its base, .info or leftovers)."""
+        base = f"volume-{self.chain_id(volume)}"
+        found = []
+        for share in self._shares:
+            names = self.io.list_directory(self.share_path(share))
+            if any(n == base or n.startswith((base + ".", f".{base}.")) for n in names):
+                found.append(share)
+        return found
+
+    def choose_share(self, volume: Any) -> str:
+        """The share for a new volume: the scheduler's pool if it names one, else by room.
+
+        Cinder's scheduler picks a pool (``volume.host`` = ``host@backend#pool``,
+        a pool per share) with the capacities this driver reported; it is
+        honoured when it still fits, so the scheduler's accounting holds.
+        """
+        pool = str(getattr(volume, "host", "") or "").partition("#")[2]
+        if pool in self._shares and self._fits(pool, volume.size):
+            return pool
+        return self.find_share(volume.size)
 
     def clean_volume_file_locks(self, volume_id: str) -> None:
         """Cinder's hook after a volume is gone: remove its lock files (file-based providers).
@@ -316,7 +406,7 @@ class RemoteFSDriver(VolumeDriver):
         """
         coordination.clean(volume_id)
 
-    @synchronized("{volume.id}", "{src_vref.id}")
+    @synchronized("{volume.name_id}", "{src_vref.name_id}")
     def create_cloned_volume(self, volume: Any, src_vref: Any) -> ModelUpdate:
         src = self.chain(src_vref)
         state = src.load_recovered()
@@ -325,7 +415,7 @@ class RemoteFSDriver(VolumeDriver):
             volume, src.path(top.name), top.format, top.virtual_size, f"clone of {src_vref.id}"
         )
 
-    @synchronized("{snapshot.volume_id}", "{volume.id}")
+    @synchronized("{snapshot.volume.name_id}", "{volume.name_id}")
     def create_volume_from_snapshot(self, volume: Any, snapshot: Any) -> ModelUpdate:
         src = self.chain(snapshot.volume)
         state = src.load_recovered()
@@ -341,11 +431,23 @@ class RemoteFSDriver(VolumeDriver):
     def _create_from(
         self, volume: Any, src: str, src_fmt: str, src_size: int, what: str
     ) -> ModelUpdate:
-        share = self.find_share(volume.size)
+        """A new volume holding ``src``'s data, grown to its own size (never shrunk).
+
+        A volume smaller than its source is refused before anything is made:
+        copying would make it the source's size while its owner is told the
+        smaller one (and a shrink would cut data off).
+        """
+        if src_size > int(volume.size) * GiB:
+            raise exception.InvalidVolume(
+                f"volume {volume.id} of {volume.size} GiB cannot be created as {what}: "
+                f"the source holds {src_size} bytes ({math.ceil(src_size / GiB)} GiB); "
+                f"create it at least that large. Nothing was created."
+            )
+        share = self.choose_share(volume)
         started = time.monotonic()
         chain = self.chain(volume, share)
         chain.create_from(src, src_fmt, src_size, self.volume_format, not self.thick)
-        self._account(share, volume.id, volume.size * GiB)
+        self._account(share, chain.volume_id, volume.size * GiB)
         LOG.info(
             "volume %s: created on %s as %s in %.0f ms",
             volume.id,
@@ -355,16 +457,17 @@ class RemoteFSDriver(VolumeDriver):
         )
         return {"provider_location": share}
 
-    @synchronized("{volume.id}")
+    @synchronized("{volume.name_id}")
     def extend_volume(self, volume: Any, new_size: int) -> None:
         share = self._share_of(volume)
-        self.chain(volume).extend(new_size, thick=self.thick)
-        self._account(share, volume.id, new_size * GiB)
+        chain = self.chain(volume)
+        chain.extend(new_size, thick=self.thick)
+        self._account(share, chain.volume_id, new_size * GiB)
         LOG.info("volume %s: extended to %d GiB", volume.id, new_size)
 
     # -- snapshots -----------------------------------------------------------
 
-    @synchronized("{snapshot.volume_id}")
+    @synchronized("{snapshot.volume.name_id}")
     def create_snapshot(self, snapshot: Any) -> ModelUpdate:
         state = self.chain(snapshot.volume).create_snapshot(snapshot.id)
         LOG.info(
@@ -376,7 +479,7 @@ class RemoteFSDriver(VolumeDriver):
         )
         return None
 
-    @synchronized("{snapshot.volume_id}")
+    @synchronized("{snapshot.volume.name_id}")
     def delete_snapshot(self, snapshot: Any) -> bool:
         """Merge the snapshot away; False when it was not there (still a success, as in Cinder).
 
@@ -395,7 +498,7 @@ class RemoteFSDriver(VolumeDriver):
         )
         return True
 
-    @synchronized("{volume.id}")
+    @synchronized("{volume.name_id}")
     def revert_to_snapshot(self, context: Any, volume: Any, snapshot: Any) -> None:
         self.chain(volume).revert(snapshot.id)
         LOG.info("volume %s: reverted to snapshot %s", volume.id, snapshot.id)
@@ -403,7 +506,12 @@ class RemoteFSDriver(VolumeDriver):
     # -- images and attachment -------------------------------------------------
 
     def copy_image_to_volume(
-        self, context: Any, volume: Any, image_service: Any, image_id: str
+        self,
+        context: Any,
+        volume: Any,
+        image_service: Any,
+        image_id: str,
+        disable_sparse: bool = False,
     ) -> None:
         """Fill ``volume`` (which has no snapshot yet) with image ``image_id``.
 
@@ -412,17 +520,18 @@ class RemoteFSDriver(VolumeDriver):
         any image a tenant may have crafted (``qemu-img info`` under the
         helper's limits: raw or qcow2, the format the image service states,
         no backing or external data file, not encrypted, no larger than the
-        volume), and converted, under the lock, in place of the volume's base.
+        volume), and converted, under the lock, in place of the volume's base:
+        sparse unless the volume is thick or ``disable_sparse`` (Cinder's
+        keyword) asks for every block to be allocated.
         """
         meta = image_service.show(context, image_id)
         path = self._conversion_file(f"image-{volume.id}")
         started = time.monotonic()
         try:
-            with open(path, "wb") as f:
-                image_service.download(context, image_id, data=f)
+            source = self.fetch_image(context, image_service, image_id, path)
             downloaded = time.monotonic()
-            info = self._checked_image(path, image_id, meta, volume)
-            self._import_image(volume, path, info)
+            info = self._checked_image(source, image_id, meta, volume)
+            self._import_image(volume, source, info, not (self.thick or disable_sparse))
         finally:
             self._remove_conversion_file(path)
         LOG.info(
@@ -480,10 +589,20 @@ class RemoteFSDriver(VolumeDriver):
             raise exception.ImageRefused(image_id, "; ".join(problems))
         return info
 
-    @synchronized("{volume.id}")
-    def _import_image(self, volume: Any, path: str, info: ImageInfo) -> None:
+    def fetch_image(self, context: Any, image_service: Any, image_id: str, path: str) -> str:
+        """Download image ``image_id`` into the new file ``path`` (as this process).
+
+        Returns the file to import: ``path`` here; under Cinder, the copy its
+        create flow already downloaded, when there is one.
+        """
+        with open(path, "wb") as f:
+            image_service.download(context, image_id, data=f)
+        return path
+
+    @synchronized("{volume.name_id}")
+    def _import_image(self, volume: Any, path: str, info: ImageInfo, sparse: bool) -> None:
         chain = self.chain(volume)
-        chain.replace_base(path, info.format, info.virtual_size, not self.thick)
+        chain.replace_base(path, info.format, info.virtual_size, sparse)
 
     def copy_volume_to_image(
         self, context: Any, volume: Any, image_service: Any, image_meta: dict
@@ -505,9 +624,13 @@ class RemoteFSDriver(VolumeDriver):
             self._export_image(volume, path, fmt)
             converted = time.monotonic()
             with open(path, "rb") as f:
-                image_service.update(
-                    context, image_meta["id"], {**image_meta, "disk_format": fmt}, data=f
-                )
+                # Only what the upload sets: Glance refuses to be told read-only
+                # fields (id, status, ...) that image_meta also carries.
+                meta = {
+                    "disk_format": fmt,
+                    "container_format": image_meta.get("container_format") or "bare",
+                }
+                image_service.update(context, image_meta["id"], meta, data=f)
         finally:
             self._remove_conversion_file(path)
         LOG.info(
@@ -519,7 +642,7 @@ class RemoteFSDriver(VolumeDriver):
             time.monotonic() - converted,
         )
 
-    @synchronized("{volume.id}")
+    @synchronized("{volume.name_id}")
     def _export_image(self, volume: Any, path: str, fmt: str) -> None:
         share = self._share_of(volume)
         chain = self.chain(volume)
@@ -534,7 +657,8 @@ class RemoteFSDriver(VolumeDriver):
             raise exception.InvalidConfig(
                 "[DEFAULT] image_conversion_dir",
                 self.conf.image_conversion_dir,
-                "must lie inside [privileged] allowed_paths (qemu-img runs there as root)",
+                f"must lie inside [privileged] allowed_paths ({self.allowed_paths_text()}): "
+                f"qemu-img runs there as root",
             )
         try:
             os.makedirs(directory, 0o750, exist_ok=True)
@@ -553,16 +677,31 @@ class RemoteFSDriver(VolumeDriver):
             os.unlink(path)
 
     def initialize_connection(self, volume: Any, connector: dict) -> dict:
-        """os-brick connection info, from a lock-free read of the atomically written .info."""
+        """os-brick connection info, from a lock-free read of the atomically written .info.
+
+        ``name`` is the *active* image (the newest overlay once snapshots
+        exist) and ``format`` its format, which the hypervisor needs to open it.
+        """
         share = self._share_of(volume)
         chain = self.chain(volume)
         state = chain.load()
         fmt = state.format if state.active == chain.base else "qcow2"
+        return self._connection(share, state.active, fmt)
+
+    def initialize_connection_snapshot(self, snapshot: Any, connector: dict, **kwargs: Any) -> dict:
+        """Connection info for the image holding ``snapshot``'s data (for backups)."""
+        volume = snapshot.volume
+        share = self._share_of(volume)
+        chain = self.chain(volume)
+        link = chain.snapshot_image(chain.load(), snapshot.id)
+        return self._connection(share, link.name, link.format)
+
+    def _connection(self, share: str, name: str, fmt: str) -> dict:
         return {
             "driver_volume_type": self.driver_volume_type,
             "data": {
                 "export": share,
-                "name": state.active,
+                "name": name,
                 "options": self.share_options(share),
                 "format": fmt,
             },
@@ -571,6 +710,7 @@ class RemoteFSDriver(VolumeDriver):
     # -- capacity --------------------------------------------------------------
 
     def _account(self, share: str, volume_id: str, size: int | None) -> None:
+        # Keyed by the chain's id, as the rescan of the share's files is.
         with self._stats_lock:
             volumes = self._provisioned.setdefault(share, {})
             if size is None:
@@ -618,7 +758,9 @@ class RemoteFSDriver(VolumeDriver):
         total, available = st["total"], st["available"]
         provisioned = self._provisioned_bytes(share)
         reserved = total * self.conf.reserved_percentage / 100.0
-        ratio = self.conf.max_over_subscription_ratio
+        ratio = opts.effective_over_subscription_ratio(
+            self.conf.max_over_subscription_ratio, total, available, provisioned
+        )
         return {
             "share": share,
             "total": total,
@@ -632,18 +774,25 @@ class RemoteFSDriver(VolumeDriver):
             "thick_headroom": available - reserved,
         }
 
+    def _headroom(self, share: str, size_gib: int) -> float | None:
+        """How much room ``share`` has left (bytes), or None if ``size_gib`` does not fit."""
+        cap = self.share_capacity(share)
+        key = "thick_headroom" if self.thick else "thin_headroom"
+        fits = cap[key] >= size_gib * GiB and cap["thick_headroom"] > 0
+        return cap[key] if fits else None
+
+    def _fits(self, share: str, size_gib: int) -> bool:
+        return self._headroom(share, size_gib) is not None
+
     def find_share(self, size_gib: int) -> str:
         """The share with the most headroom that can take ``size_gib`` more."""
         if not self._shares:
             raise exception.VolumeError("driver not set up: call do_setup() first")
-        need = size_gib * GiB
-        key = "thick_headroom" if self.thick else "thin_headroom"
         candidates = []
         for share in self._shares:
-            cap = self.share_capacity(share)
-            fits = cap[key] >= need and cap["thick_headroom"] > 0
-            if fits:
-                candidates.append((cap[key], share))
+            room = self._headroom(share, size_gib)
+            if room is not None:
+                candidates.append((room, share))
         if not candidates:
             raise exception.VolumeError(
                 f"no share can take a {size_gib} GiB volume (reserved_percentage="
@@ -653,6 +802,20 @@ class RemoteFSDriver(VolumeDriver):
         return max(candidates)[1]
 
     def get_volume_stats(self, refresh: bool = False) -> dict:
+        """Capacity per share (a pool per share, as Cinder's NFS driver reports).
+
+        ``max_over_subscription_ratio`` is reported as configured (a number,
+        or 'auto' for the scheduler to derive from these figures).
+        """
+        ratio = opts.parse_over_subscription_ratio(self.conf.max_over_subscription_ratio)
+        common = {
+            "reserved_percentage": self.conf.reserved_percentage,
+            "max_over_subscription_ratio": ratio,
+            "thin_provisioning_support": not self.thick,
+            "thick_provisioning_support": self.thick,
+            "QoS_support": False,
+            "multiattach": False,
+        }
         pools = []
         interval = self.conf.provisioned_capacity_refresh_interval
         for share in self._shares:
@@ -673,10 +836,7 @@ class RemoteFSDriver(VolumeDriver):
                     "total_capacity_gb": round(cap["total"] / GiB, 2),
                     "free_capacity_gb": round(cap["free"] / GiB, 2),
                     "provisioned_capacity_gb": round(cap["provisioned"] / GiB, 2),
-                    "reserved_percentage": self.conf.reserved_percentage,
-                    "max_over_subscription_ratio": self.conf.max_over_subscription_ratio,
-                    "thin_provisioning_support": not self.thick,
-                    "thick_provisioning_support": self.thick,
+                    **common,
                 }
             )
         return {
@@ -687,10 +847,9 @@ class RemoteFSDriver(VolumeDriver):
             "total_capacity_gb": round(sum(p["total_capacity_gb"] for p in pools), 2),
             "free_capacity_gb": round(sum(p["free_capacity_gb"] for p in pools), 2),
             "provisioned_capacity_gb": round(sum(p["provisioned_capacity_gb"] for p in pools), 2),
-            "reserved_percentage": self.conf.reserved_percentage,
-            "max_over_subscription_ratio": self.conf.max_over_subscription_ratio,
-            "thin_provisioning_support": not self.thick,
-            "thick_provisioning_support": self.thick,
+            "sparse_copy_volume": True,
+            "online_extend_support": False,
+            **common,
             "pools": pools,
         }
 

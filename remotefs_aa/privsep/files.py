@@ -287,7 +287,13 @@ def daemon_info() -> dict:
     Lets an operator (and the tests) see that the daemon runs apart from the
     service with only the capabilities of its context.
     """
-    return {**process_info(), "checks": images.checks()}
+    return {
+        **process_info(),
+        "checks": images.checks(),
+        # What it confines itself to, as read from its own config (the
+        # service checks its shares and mount bases against this at start).
+        "allowed_paths": list(settings().allowed_paths),
+    }
 
 
 @entrypoint(file_pctxt)

@@ -69,6 +69,21 @@ def test_local_provider_cleans_a_deleted_volumes_lock_file(tmp_path):
     assert list((tmp_path / "locks").iterdir()) == []
 
 
+def test_a_clone_or_copy_smaller_than_its_source_is_refused(tmp_path):
+    """A 2 GiB clone of a 3 GiB volume was reported as 2 GiB and made 3 GiB."""
+    config = v.write_config(str(tmp_path))
+    src = _json(config, "volume", "create", "--size", "3")
+    snap = _json(config, "snapshot", "create", src["id"])
+    for how in (["--clone", src["id"]], ["--from-snapshot", f"{src['id']}:{snap['id']}"]):
+        proc = run_cli("--config-file", config, "volume", "create", "--size", "2", *how)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "cannot be created" in proc.stderr and "at least that large" in proc.stderr
+    # Nothing was made; a larger one is grown to its own size.
+    assert [x["id"] for x in _json(config, "volume", "list")] == [src["id"]]
+    bigger = _json(config, "volume", "create", "--size", "4", "--clone", src["id"])
+    assert _json(config, "volume", "show", bigger["id"])["size_gib"] == 4
+
+
 def test_volume_from_an_image_file_and_export(tmp_path):
     config = v.write_config(str(tmp_path))
     image = tmp_path / "guest.qcow2"

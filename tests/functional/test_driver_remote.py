@@ -11,7 +11,6 @@ which bind-mounts a directory of the GlusterFS volume standing for the export.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -22,16 +21,11 @@ import pytest
 
 from remotefs_aa import exception, service, workload
 from remotefs_aa.drivers.mounted import SECURE_INDICATOR, ShareMountFailed
-from tests import REPO
-from tests.functional import gluster, servers
+from tests.functional import gluster, nfs_standin, servers
 from tests.functional import volumes as v
 from tests.functional.conftest import worker_env
 
 pytestmark = pytest.mark.functional
-
-STANDIN = os.path.join(REPO, "tests", "functional", "bin", "mount.nfs")
-MOUNT_NFS = "/usr/sbin/mount.nfs"
-STANDIN_STATE = "/run/rfsaa-nfs-standin"
 
 
 @pytest.fixture(scope="module")
@@ -48,44 +42,10 @@ def gl():
         volume.cleanup()
 
 
-class StandIn:
-    """The fake NFS server's exports, refusals and call log."""
-
-    def __init__(self, state: str, root: str) -> None:
-        self.state, self.root = state, root
-
-    def export(self, name: str) -> str:
-        directory = os.path.join(self.root, name)
-        os.makedirs(directory, exist_ok=True)
-        share = f"nfs-server:/exports/{name}"
-        with open(os.path.join(self.state, "exports"), "a") as f:
-            f.write(f"{share} {directory}\n")
-        return share
-
-    def refuse(self, *options: str) -> None:
-        with open(os.path.join(self.state, "refuse"), "w") as f:
-            f.write("".join(o + "\n" for o in options))
-
-    def calls(self, share: str) -> list[str]:
-        with open(os.path.join(self.state, "log")) as f:
-            lines = [line.split(" ", 2)[2].strip() for line in f if line.startswith(share + " ")]
-        # mount(8) adds "rw" to what it passes its helper.
-        return [",".join(o for o in line.split(",") if o != "rw") for line in lines]
-
-
 @pytest.fixture(scope="module")
 def nfs(gl):
-    if os.path.exists(MOUNT_NFS):
-        pytest.fail(f"{MOUNT_NFS} exists; this test installs its own stand-in there")
-    os.makedirs(STANDIN_STATE, exist_ok=True)
-    open(os.path.join(STANDIN_STATE, "exports"), "w").close()
-    open(os.path.join(STANDIN_STATE, "log"), "w").close()
-    shutil.copy(STANDIN, MOUNT_NFS)
-    try:
-        yield StandIn(STANDIN_STATE, os.path.join(gl.mounts[0], "exports"))
-    finally:
-        os.unlink(MOUNT_NFS)
-        shutil.rmtree(STANDIN_STATE, ignore_errors=True)
+    with nfs_standin.installed(os.path.join(gl.mounts[0], "exports")) as standin:
+        yield standin
 
 
 def _config(tmp_path, kind: str, shares: list[str], **extra) -> str:
@@ -131,11 +91,13 @@ def test_nfs_every_method_with_version_fallback(gl, nfs, tmp_path):
     share = nfs.export("fallback")
     nfs.refuse("vers=4.2")
     try:
-        with Started(gl, _config(tmp_path, "nfs", [f"{share} -o noatime"])) as driver:
+        config = _config(tmp_path, "nfs", [f"{share} -o noatime"], nfs_snapshot_support=True)
+        with Started(gl, config) as driver:
             assert nfs.calls(share) == ["noatime,vers=4.2", "noatime,vers=4.1"]
             v.exercise_every_method(driver, "raw-sparse", "nfs")
             conn = driver.initialize_connection(v.new_volume(driver), {})
-            assert conn["data"]["options"] == "noatime"
+            # Mount flags, as os-brick passes them to mount(8) (Cinder's form).
+            assert conn["data"]["options"] == "-o noatime"
     finally:
         nfs.refuse()
 
@@ -164,9 +126,9 @@ def test_connection_info_is_what_os_brick_connectors_expect(gl, nfs, tmp_path):
         conn = driver.initialize_connection(vol, {"host": "compute-1"})
         assert conn["driver_volume_type"] == "nfs"
         assert set(conn["data"]) == {"export", "name", "options", "format"}
-        connector = brick.RemoteFsConnector(
-            "nfs", root_helper=None, nfs_mount_point_base=driver.mount_base
-        )
+        assert conn["mount_point_base"] == os.path.realpath(driver.mount_base)
+        # The mount base comes from the connection info, as Cinder's does.
+        connector = brick.RemoteFsConnector("nfs", root_helper=None, conn=conn)
         assert connector._get_volume_path(conn["data"]) == driver.local_path(vol)
         driver.delete_volume(vol)
 

@@ -82,3 +82,34 @@ def test_own_creates_and_deletes_are_counted_between_rescans():
     assert driver.share_capacity("/a")["provisioned"] == 15 * GiB
     driver._account("/a", "1", None)
     assert driver.share_capacity("/a")["provisioned"] == 5 * GiB
+
+
+def test_auto_over_subscription_uses_the_share_and_is_reported_as_auto():
+    io = StatsIO({"/a": (100 * GiB, 91 * GiB)}, {"/a": {"volume-1": 90 * GiB}})
+    driver = _driver(io, max_over_subscription_ratio="auto")
+    cap = driver.share_capacity("/a")
+    assert cap["max_over_subscription_ratio"] == pytest.approx(10.0)  # 1 + 90 / (9 + 1)
+    assert driver.find_share(900) == "/a"  # 100 * 10 - 90 = 910 GiB of headroom
+    with pytest.raises(exception.VolumeError, match="max_over_subscription_ratio=auto"):
+        driver.find_share(920)
+    stats = driver.get_volume_stats()
+    assert stats["max_over_subscription_ratio"] == "auto"
+    assert stats["pools"][0]["max_over_subscription_ratio"] == "auto"
+
+
+def test_the_schedulers_pool_is_honoured_when_it_fits():
+    io = StatsIO(
+        {"/a": (100 * GiB, 10 * GiB), "/b": (100 * GiB, 90 * GiB)},
+        {"/a": {"volume-1": 95 * GiB}},
+    )
+    driver = _driver(io, max_over_subscription_ratio=1.0)
+
+    class Scheduled:
+        size = 1
+        host = "cinder-1@backend#/a"
+
+    assert driver.choose_share(Scheduled()) == "/a"  # not /b, which has more room
+    Scheduled.host = "cinder-1@backend#/gone"
+    assert driver.choose_share(Scheduled()) == "/b"
+    Scheduled.size, Scheduled.host = 10, "cinder-1@backend#/a"
+    assert driver.choose_share(Scheduled()) == "/b"  # /a has only 5 GiB left

@@ -62,6 +62,9 @@ def test_backend_url_is_secret():
             "[coordination] max_reconnect_backoff",
             "1.0",
         ),
+        ("[DEFAULT]\nmax_over_subscription_ratio = fast\n", "max_over_subscription_ratio", "fast"),
+        ("[DEFAULT]\nmax_over_subscription_ratio = 0.5\n", "max_over_subscription_ratio", "0.5"),
+        ("[DEFAULT]\nnas_secure_file_operations = maybe\n", "nas_secure_file_operations", "maybe"),
     ],
 )
 def test_bad_values_name_option_and_value(tmp_path, text, option, value):
@@ -115,3 +118,39 @@ def test_committed_sample_config_is_current(tmp_path):
     assert out.read_text() == committed, (
         "etc/remotefs_aa/remotefs_aa.conf.sample is stale: run tox -e genconfig"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("20.0", 20.0), ("1", 1.0), ("0.9", None), ("auto", "auto"), ("AUTO", "auto")],
+)
+def test_over_subscription_ratio_reads_as_cinders_does(text, parsed):
+    if parsed is None:
+        with pytest.raises(ValueError):
+            opts.parse_over_subscription_ratio(text)
+    else:
+        assert opts.parse_over_subscription_ratio(text) == parsed
+
+
+def test_auto_over_subscription_ratio_follows_the_share_like_cinders_scheduler():
+    gib = 1024**3
+    # Nothing provisioned yet: Cinder's initial 20.
+    assert opts.effective_over_subscription_ratio("auto", 100 * gib, 100 * gib, 0) == 20.0
+    # 1 + provisioned / (used + 1 GiB): 1 + 90 / (9 + 1).
+    ratio = opts.effective_over_subscription_ratio("auto", 100 * gib, 91 * gib, 90 * gib)
+    assert ratio == pytest.approx(10.0)
+    assert opts.effective_over_subscription_ratio("3.5", 1, 1, 1) == 3.5
+
+
+def test_nas_secure_options_take_any_case_as_in_cinder(tmp_path):
+    conf = conf_from(tmp_path, "[DEFAULT]\nnas_secure_file_operations = True\n")
+    opts.validate(conf)
+    assert conf.nfs_snapshot_support is False  # Cinder's default
+
+
+def test_backend_options_are_what_a_cinder_backend_section_holds():
+    names = {o.dest for o in opts.backend_opts()}
+    assert {"reserved_percentage", "nfs_shares_config", "glusterfs_mount_options"} <= names
+    assert {"local_shares", "provisioned_capacity_refresh_interval"} <= names
+    # Service-wide under Cinder: never per backend.
+    assert not names & {"state_path", "host", "cluster", "image_conversion_dir"}
