@@ -18,10 +18,13 @@ command per line on stdin and answers with JSON lines on stdout:
   paused; the orchestrator may also stop the daemon: both; the signal is sent
   to the calling thread, so the stop is in force before the hook returns; on
   resume it prints ``{"event": "resumed", ...}`` with the fence's deadline),
-  ``kill`` SIGKILLs it (also thread-directed), ``wait`` waits for ``{"cmd": "go", "op": n}`` (meanwhile the
-  orchestrator stops or kills the daemon), ``report`` just goes on.
-  ``k = 0`` never fires (the steps are only counted, and returned as
-  ``"steps"`` with the result: how the tests learn each operation's steps).
+  ``kill`` SIGKILLs it (also thread-directed), ``wait`` waits for
+  ``{"cmd": "go", "op": n}`` (meanwhile the orchestrator stops or kills the
+  daemon), ``report`` just goes on. With ``"io": METHOD`` the calls of that
+  ImageIO method are counted instead (secure file operations never reach an
+  entrypoint, so ``fence.on_step`` is not called there). ``k = 0`` never
+  fires (the steps are only counted, and returned as ``"steps"`` with the
+  result: how the tests learn each operation's steps).
 * ``{"id": n, "cmd": "daemon"}``: the file daemon's pid (it changes when a
   killed daemon is restarted by the next call).
 * ``{"cmd": "enforce", "value": false}``: ``fence.ENFORCE`` (test-only switch:
