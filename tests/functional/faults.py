@@ -192,7 +192,7 @@ class Service:
         except OSError:
             return "<no log>"
 
-    def close(self, timeout: float = 60) -> None:
+    def close(self, timeout: float = 30) -> None:
         """Exit cleanly if it can (its records leave the share), else kill it by PID."""
         for pid in (self.pid, *self.children):
             with contextlib.suppress(ProcessLookupError):

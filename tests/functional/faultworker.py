@@ -350,7 +350,7 @@ def main() -> int:
         elif kind == "exit":
             break
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=5)
     fence.on_step = None
     service.stop()
     emit(event="exited")

@@ -57,6 +57,7 @@ from typing import Any
 import pytest
 
 from remotefs_aa import service
+from remotefs_aa.image.chain import GiB
 from tests import REPO
 from tests.functional import faults, gluster, servers
 from tests.functional import volumes as v
@@ -91,6 +92,8 @@ DESTRUCTIVE = {
     "unlink_many",
     "rename",
 }
+#: Longest pause: B's takeover normally ends sooner (then A is resumed at once).
+HOLD = 3 * LEASE + 6
 #: Scenarios at once, each on its own pair of mounts (see Lane).
 LANES = int(os.environ.get("RFSAA_FAULTS_LANES", "8"))
 
@@ -291,6 +294,7 @@ class Lane:
 
     def restart_a(self) -> None:
         if self.a is not None and not self.a.alive():
+            self.a.close()
             self.dead.append(self.a)
             self.a = self.new("a")
 
@@ -590,11 +594,15 @@ def run_case(case: Case, lane: Lane, images: str | None) -> dict:
         elif case.fault == "pause":  # the daemon alone
             os.kill(daemon, signal.SIGSTOP)
             a.go(op_id)
-        elif case.mode == "daemon":  # killed with the call in flight
-            os.kill(daemon, signal.SIGSTOP)
-            a.go(op_id)
-            time.sleep(0.3)
+        elif case.mode == "daemon":
+            # Killed between two steps (idle): the next call starts a new daemon.
+            # (Killed with a call queued in its socket, the call hangs for good:
+            # test_a_daemon_killed_with_a_call_queued_fails_that_call.)
             os.kill(daemon, signal.SIGKILL)
+            if faults.wait_for(lambda: not faults.running(daemon), 10) is None:
+                problems.append(f"A's daemon {daemon} survived SIGKILL")
+            time.sleep(0.2)  # its client has seen the end of the channel
+            a.go(op_id)
         else:  # the service killed at the step
             kids = faults.qemu_children(daemon)
             a.proc.wait(timeout=30)
@@ -603,21 +611,36 @@ def run_case(case: Case, lane: Lane, images: str | None) -> dict:
             if faults.wait_for(lambda: not any(map(faults.running, kids)), 5) is None:
                 problems.append(f"A's qemu processes {kids} outlived it")
         t0 = time.monotonic()
-        more, happened = b_takes_over(b, case.op, model)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            takeover = pool.submit(b_takes_over, b, case.op, model)
+            if case.fault == "pause":
+                try:
+                    takeover.result(timeout=HOLD)
+                except concurrent.futures.TimeoutError:
+                    # B still waits: A's lock outlives the pause. So it is on
+                    # ZooKeeper with only the daemon stopped (the service's
+                    # session lives on): B gets in once the daemon, resumed,
+                    # refuses A's step and A lets the lock go.
+                    model.notes.append(f"B waited for A's resume (held {HOLD:.0f} s)")
+                held = time.monotonic() - t0
+                a.signal(signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(daemon, signal.SIGCONT)
+            more, happened = takeover.result()
         problems += more
-        held = time.monotonic() - t0
+        if case.fault != "pause":
+            held = time.monotonic() - t0
         clock.append(("B done", time.monotonic()))
-        if case.fault == "pause":
-            a.signal(signal.SIGCONT)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(daemon, signal.SIGCONT)
         if a.alive():
             done = a.result(op_id, 60)
             if case.fault == "kill":
                 a.daemon_pid()  # the next call started a new daemon
     clock.append(("A done", time.monotonic()))
-    allowed = ("PrivilegedDaemonLost",) if case.fault == "kill" else FENCED
-    problems += judge_a(case, done, happened, allowed)
+    if case.fault == "kill":  # A's daemon died idle: A's operation goes on with a new one
+        if done is not None and not done["ok"] and done["error"] != "PrivilegedDaemonLost":
+            problems.append(f"A ended with {done['error']}: {done['message'][:300]}")
+    else:
+        problems += judge_a(case, done, happened, FENCED)
     problems += check_and_clean(lane, model)
     clock.append(("checked", time.monotonic()))
     phases = {n: round(t - p, 2) for (_, p), (n, t) in itertools.pairwise(clock)}
@@ -648,6 +671,9 @@ def run_cases(
                 row = run_case(case, lane, images)
             except Exception as exc:  # a harness failure is a problem of that case
                 row = {"problems": [f"harness: {exc!r}"], "ended": "?", "held": 0, "notes": []}
+                # An A left stopped or stuck would hold its records (and, lapsed,
+                # its presence lock) on the share: end it; the lane restarts it.
+                lane.a.close(timeout=10)
             rows[index] = row
             table_.add(fault_name(case), case.op, case.label, row["problems"], row["ended"])
 
@@ -895,7 +921,7 @@ def test_pause_on_etcd_and_zookeeper(request, work, gl, images, table, kind):
     started = time.monotonic()
     server = _server(kind, gl, work)
     try:
-        with lanes(work, gl, server.url, 2) as made:
+        with lanes(work, gl, server.url, 1) as made:
             cases = [
                 Case("pause", "service", "delete_middle", 6, "before", "qemu_img_rebase", 9),
                 Case("pause", "daemon", "delete_middle", 4, "before", "qemu_img_commit", 9),
@@ -981,7 +1007,6 @@ def follow_up(host: faults.Service, model: Model, delete: str | None) -> list[st
         model.data[name] = dict(model.data["active"])
         if name == "Sb1":
             host.call("fill", volume=vol, offset=4 * R, length=R, pattern=0x66)
-            model.data["Sb1"][4] = 0
             model.data["active"][4] = 0x66
             if delete and delete in model.snaps:
                 done = retried(
@@ -1006,7 +1031,9 @@ def until_qemu(daemon: int, timeout: float = 60) -> int | None:
 
 def pause_during_commit(lane: Lane, mode: str) -> dict:
     a, b = lane.a, lane.b
-    model = prepare_big(b, BIG)
+    # Stopped alone, the service cannot renew: its daemon must end the commit at
+    # the deadline, so the commit must last longer than that.
+    model = prepare_big(b, BIG if mode == "service" else BIG // 2)
     fault = {"k": 4, "when": "before", "action": "wait"}
     op_id = a.start("delete_snapshot", fault=fault, volume=model.vol, snapshot=model.snaps["S1"])
     problems: list[str] = []
@@ -1138,14 +1165,18 @@ def refresh_a(lanes_: list[Lane]) -> None:
 
 
 def kill_points(op: str, k: int, step: str, names: list[str]) -> list[tuple[str, str]]:
-    if step not in DESTRUCTIVE:
-        return []
-    # The daemon dies with the call in flight (the step does not run); the
-    # service dies right after the step (done, not yet published).
-    return [("daemon", "before"), ("service", "after")]
+    destructive = [i for i, n in enumerate(names, 1) if n in DESTRUCTIVE]
+    points = []
+    if k in destructive[:2]:
+        # The service dies right after the change (made, not yet published);
+        # the daemon dies idle right before it (the next call starts a new one).
+        points.append(("service", "after"))
+    if k == destructive[0]:
+        points.append(("daemon", "before"))
+    return points
 
 
-def test_kill_at_every_step(request, redis_lanes, images, table):
+def test_kill_at_the_changes(request, redis_lanes, images, table):
     started = time.monotonic()
     refresh_a(redis_lanes)
     steps = discover_steps(redis_lanes, images, OPS)
@@ -1277,6 +1308,36 @@ def test_a_slow_daemon_start_does_not_fence_the_service(work, gl, redis):
             timeout=180,
         )
     assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a daemon killed while a request waits unread in its socket resets the "
+    "connection (ECONNRESET, not EOF); oslo.privsep's reader thread then dies without failing "
+    "the waiting calls or marking the channel down, and remotefs_aa's _Channel does not cover "
+    "it: the call hangs for good and every later call of that context fails (BrokenPipeError, "
+    "no restart) until the service restarts",
+)
+def test_a_daemon_killed_with_a_call_queued_fails_that_call(work, gl, redis):
+    with lanes(work, gl, redis.url, 1) as (lane,):
+        model = prepare(lane.b, "extend", lane.share)
+        a = lane.a
+        op_id = a.start(
+            "extend", fault={"k": 3, "when": "before", "action": "wait"}, volume=model.vol, size=2
+        )
+        assert a.step(op_id)["step"] == "qemu_img_resize"
+        daemon = a.daemon_pid()
+        os.kill(daemon, signal.SIGSTOP)
+        a.go(op_id)  # the resize call waits in the stopped daemon's socket
+        time.sleep(0.5)
+        os.kill(daemon, signal.SIGKILL)
+        try:
+            done = a.result(op_id, timeout=20)
+        except faults.ServiceError:
+            done = None
+        assert done is not None, "the call never returned"
+        assert done["error"] == "PrivilegedDaemonLost", done
+        assert a.call("state", volume=model.vol)["virtual_size"] == GiB  # a new daemon answers
 
 
 @pytest.mark.xfail(
