@@ -154,8 +154,11 @@ class GlusterVolume:
         while True:
             if self.glusterd.poll() is not None:
                 raise RuntimeError(f"glusterd exited {self.glusterd.returncode}; see {log.name}")
-            if self._gluster("volume", "list", timeout=10).returncode == 0:
-                break
+            try:
+                if self._gluster("volume", "list", timeout=10).returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass  # a loaded host: glusterd is still starting
             if time.monotonic() > deadline:
                 raise RuntimeError("glusterd did not answer in time")
             time.sleep(0.2)
