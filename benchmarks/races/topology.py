@@ -160,7 +160,7 @@ def pymysql_connect(port: int, database: str | None = "races"):
 
     return pymysql.connect(
         host=LOOPBACK, port=port, user="root", database=database, autocommit=True,
-        connect_timeout=5, read_timeout=30, write_timeout=30,
+        connect_timeout=5, read_timeout=30, write_timeout=30, ssl_disabled=True,
     )  # fmt: skip
 
 
