@@ -22,8 +22,12 @@ if (( want_test )); then
     # plus Debian's venv for the privileged-helper tests (an unprivileged user's venv).
     # GlusterFS (server + FUSE client) and iproute2 for the shared-filesystem tests,
     # which run glusterd in a network namespace of their own.
+    # The races study (benchmarks/races, tests/functional/test_races.py): a three-node
+    # Galera cluster (the galera-4 provider; rsync for state transfer to joiners)
+    # behind HAProxy.
     for p in redis-server zookeeper etcd-server etcd-client memcached mariadb-server postgresql \
-        python3-venv glusterfs-server glusterfs-client iproute2 util-linux; do
+        python3-venv glusterfs-server glusterfs-client iproute2 util-linux \
+        galera-4 haproxy rsync; do
         need "$p"
     done
 fi

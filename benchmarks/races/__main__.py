@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -72,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine_meta(("tooz", "PyMySQL", "psycopg2-binary", "redis", "matplotlib"))
     t0 = time.monotonic()
 
+    done: list[dict] = []
+
     def progress(r: dict) -> None:
+        # Written as we go: a run cut short still leaves its figures.
+        done.append(r)
+        report.write_csv(done, os.path.join(args.out, "races.partial.csv"))
         print(
             f"  {r['topology']:<10} load {r['load']:<3} {r['workload']:<8} {r['strategy']:<16}"
             f" total {r['total_s']:6.1f} s  acq p50 {r['acquire_p50']:8.1f} p99"
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = os.path.join(args.out, "races.csv")
     md_path = os.path.join(args.out, "races.md")
     report.write_csv(results, csv_path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(args.out, "races.partial.csv"))
     header = "\n".join(machine_header(meta))
     with open(md_path, "w") as f:
         f.write(header + "\n\n" + report.markdown(results))

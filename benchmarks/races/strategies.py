@@ -307,8 +307,11 @@ class _ToozLocked(Strategy):
             return False
         try:
             return bool(lock.acquire(blocking=True, timeout=min(5.0, remaining)))
-        except tooz.ToozError:
+        except tooz.ToozError as exc:
+            # The reply may be what was lost: then the lock is ours on the
+            # server but not here, and nobody has it until its lease ends.
             ctx.count("disconnect")
+            ctx.note(f"lock acquire: {type(exc).__name__}: {exc}"[:160])
             time.sleep(0.05)
             return False
 
