@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-timeout", type=float, default=5.0)
     p.add_argument("--out", default="races-out", help="directory for CSV, markdown and PNGs")
     p.add_argument("--json", default=None, help="also write every figure here")
+    p.add_argument("--replot", metavar="JSON", help="only rewrite CSV, markdown, PNGs from JSON")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.replot:
+        return _replot(args.replot, args.out)
 
     strategies = [s for s in args.strategies.split(",") if s]
     for s in strategies:
@@ -136,6 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, **out}, f, indent=1, default=str)
     return 1 if bad or missed else 0
+
+
+def _replot(path: str, out_dir: str) -> int:
+    with open(path) as f:
+        data = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    results = data["results"]
+    report.write_csv(results, os.path.join(out_dir, "races.csv"))
+    with open(os.path.join(out_dir, "races.md"), "w") as f:
+        f.write("\n".join(machine_header(data["meta"])) + "\n\n" + report.markdown(results))
+    for png in report.plots(results, out_dir):
+        print(png)
+    return 0
 
 
 if __name__ == "__main__":

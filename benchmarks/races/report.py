@@ -171,6 +171,9 @@ def plots(runs: list[dict], out_dir: str) -> list[str]:
     for run in runs:
         key = (run["topology"], run["load"])
         groups[key][run["workload"]][run["strategy"]].extend(run["acquire_samples"])
+    names_all = sorted({run["strategy"] for run in runs})
+    palette = plt.get_cmap("tab10")
+    colors = {name: palette(i % 10) for i, name in enumerate(names_all)}
     written = []
     for (topo, load), workloads in groups.items():
         names = list(workloads)
@@ -184,7 +187,15 @@ def plots(runs: list[dict], out_dir: str) -> list[str]:
                 xs = sorted(max(v, 0.01) for v in values)
                 ys = [(i + 1) / len(xs) for i in range(len(xs))]
                 style = ":" if strategy == "read_then_write" else "-"
-                ax.step(xs, ys, where="post", label=strategy, linestyle=style, linewidth=1.3)
+                ax.step(
+                    xs,
+                    ys,
+                    where="post",
+                    label=strategy,
+                    linestyle=style,
+                    linewidth=1.3,
+                    color=colors[strategy],
+                )
             ax.set_xscale("log")
             ax.set_title(f"{workload}")
             ax.set_xlabel("acquire time, ms (log)")
@@ -192,7 +203,12 @@ def plots(runs: list[dict], out_dir: str) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
         for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
+        legend: dict = {}
+        for ax in axes.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+        labels = sorted(legend)
+        handles = [legend[k] for k in labels]
         fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
         fig.suptitle(f"Acquire-time distribution: {topo}, synthetic load {load}")
         fig.tight_layout(rect=(0, 0.08, 1, 0.96))
