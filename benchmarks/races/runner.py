@@ -88,37 +88,60 @@ def _node_conns(topo: dict):
     return conns
 
 
-def create_schema(topo: dict) -> None:
+def _admin(topo: dict, work, timeout: float = 60.0):
+    """Run ``work(cursor)`` on the first node, retrying what the strategies retry.
+
+    Housekeeping meets certification conflicts too: on the cluster with the
+    synthetic load running, any write can lose a certification race.
+    """
     dialect = sql.DIALECTS[topo["dialect"]]
     _name, host, port = topo["nodes"][0]
-    conn = dialect.connect(host, port)
-    try:
-        cur = conn.cursor()
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = None
+        try:
+            conn = dialect.connect(host, port)
+            return work(conn.cursor())
+        except Exception as exc:
+            if dialect.classify(exc) is None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+
+def create_schema(topo: dict) -> None:
+    dialect = sql.DIALECTS[topo["dialect"]]
+
+    def work(cur) -> None:
         for stmt in dialect.schema():
             cur.execute(stmt)
-    finally:
-        conn.close()
+
+    _admin(topo, work)
 
 
 def reset_rows(topo: dict, rows: list[str]) -> None:
-    """Fresh rows for a run; on the cluster, wait until every node has them."""
-    dialect = sql.DIALECTS[topo["dialect"]]
-    _name, host, port = topo["nodes"][0]
-    conn = dialect.connect(host, port)
-    try:
-        cur = conn.cursor()
-        cur.execute("DELETE FROM history")
-        cur.execute("DELETE FROM volumes WHERE kind='race'")
+    """Fresh rows for a run; on the cluster, wait until every node has them.
+
+    Rows are new for every run (their ids carry the run's tag), so nothing
+    is deleted: a scan-and-delete would lock the synthetic workers' rows and
+    lose certification races against them.
+    """
+
+    def work(cur) -> None:
         for i in range(0, len(rows), 200):
             chunk = rows[i : i + 200]
             values = ",".join(["(%s, 'race', 'available')"] * len(chunk))
             cur.execute(f"INSERT INTO volumes (id, kind, status) VALUES {values}", chunk)  # noqa: S608
-    finally:
-        conn.close()
+
+    _admin(topo, work)
+    prefix = rows[0].rsplit("-", 1)[0] + "-%"
     for _name, conn in _node_conns(topo):
         try:
             cur = conn.cursor()
-            cur.execute("SELECT COUNT(*) FROM volumes WHERE kind='race'")
+            cur.execute("SELECT COUNT(*) FROM volumes WHERE id LIKE %s", (prefix,))
             if cur.fetchone()[0] != len(rows):
                 raise RuntimeError(f"node {_name} does not have the {len(rows)} rows")
         finally:
@@ -128,16 +151,17 @@ def reset_rows(topo: dict, rows: list[str]) -> None:
 def read_outcome(topo: dict, rows: list[str]) -> tuple[dict, dict]:
     """The audit trail and final rows on every node (causal reads on the cluster)."""
     histories, finals = {}, {}
-    wanted = set(rows)
+    prefix = rows[0].rsplit("-", 1)[0] + "-%"
     for name, conn in _node_conns(topo):
         try:
             cur = conn.cursor()
             cur.execute(
                 "SELECT seq, row_id, old_status, new_status, old_holder, new_holder,"
-                " old_count, new_count FROM history ORDER BY seq"
+                " old_count, new_count FROM history WHERE row_id LIKE %s ORDER BY seq",
+                (prefix,),
             )
-            histories[name] = [tuple(r) for r in cur.fetchall() if r[1] in wanted]
-            cur.execute("SELECT id, status, holder, count FROM volumes WHERE kind='race'")
+            histories[name] = [tuple(r) for r in cur.fetchall()]
+            cur.execute("SELECT id, status, holder, count FROM volumes WHERE id LIKE %s", (prefix,))
             finals[name] = {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
         finally:
             conn.close()
@@ -354,7 +378,11 @@ def run(
                         plan.append((control, CONTROL))
                     for workload, strategy in plan:
                         n += 1
-                        res = run_one(lab, topo, strategy, workload, cfg, f"r{n}", tmp)
+                        try:
+                            res = run_one(lab, topo, strategy, workload, cfg, f"r{n}", tmp)
+                        except Exception as exc:
+                            # One broken run is reported and the rest go on.
+                            res = _broken(topo_name, workload, strategy, exc)
                         res["load"] = load
                         res["round"] = rnd if repeat > 1 else 0
                         results.append(res)
@@ -367,6 +395,19 @@ def run(
             if r["topology"] == topo_name and r["load"] == "on" and topo_name in synthetic:
                 r["synthetic_ops_per_s"] = round(synthetic[topo_name].get("ops_per_s", 0.0), 1)
     return {"results": results, "synthetic": synthetic}
+
+
+def _broken(topo: str, workload: Workload, strategy: str, exc: Exception) -> dict:
+    error = f"run failed: {type(exc).__name__}: {exc}"
+    out = {
+        "topology": topo, "workload": workload.name, "seed_workload": workload.seed,
+        "strategy": strategy, **report.stats([], float("nan")), "violations": 0,
+        "violation_types": {}, "violation_examples": [], "failed_workers": workload.workers,
+        "failures": [{"worker": -1, "row": "*", "error": error}],
+        "loadavg_start": os.getloadavg()[0], "loadavg_end": os.getloadavg()[0],
+        "acquire_samples": [], "acquire_p90": float("nan"),
+    }  # fmt: skip
+    return out
 
 
 def _shuffled(rng: random.Random, items: list[str]) -> list[str]:

@@ -116,7 +116,8 @@ class MySQL(Dialect):
                 row_id VARCHAR(40) NOT NULL,
                 old_status VARCHAR(12), new_status VARCHAR(12),
                 old_holder VARCHAR(40), new_holder VARCHAR(40),
-                old_count INT, new_count INT
+                old_count INT, new_count INT,
+                KEY (row_id)
             ) ENGINE=InnoDB""",
             # The database's own record of every state change, written in the
             # same transaction as the change: the checker reads this, not the
@@ -194,6 +195,7 @@ class PostgreSQL(Dialect):
                 old_holder VARCHAR(40), new_holder VARCHAR(40),
                 old_count INT, new_count INT
             )""",
+            "CREATE INDEX history_row ON history (row_id)",
             """CREATE OR REPLACE FUNCTION volumes_audit() RETURNS trigger AS $$
                BEGIN
                  IF NEW.status <> OLD.status OR NEW.holder <> OLD.holder

@@ -417,7 +417,9 @@ class Lab:
         if not self.dlm:
             return {}
         assert self.redis and self.share
-        # lock_timeout: a lease far longer than any hold (a hold is bounded by
-        # the check timeout plus 10 ms), so it never lapses under a holder.
-        redis = f"redis://{LOOPBACK}:{self.redis.port}?lock_timeout=60&socket_timeout=10"
+        # A 10 s lease, renewed every 2 s by each worker process's heartbeat
+        # (worker.py): a holder keeps it as long as it lives, and a lock whose
+        # acquire reply was lost (tooz then retries under a new token) blocks
+        # the row for at most 10 s, not for a long lease.
+        redis = f"redis://{LOOPBACK}:{self.redis.port}?lock_timeout=10&socket_timeout=10"
         return {"file": self.share.urls(), "redis": [redis]}
