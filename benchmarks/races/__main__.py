@@ -82,6 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         # Written as we go: a run cut short still leaves its figures.
         done.append(r)
         report.write_csv(done, os.path.join(args.out, "races.partial.csv"))
+        with open(os.path.join(args.out, "races.partial.json"), "w") as f:
+            json.dump(
+                {
+                    "meta": {
+                        **meta,
+                        "wall_s": time.monotonic() - t0,
+                        "loadavg_end": os.getloadavg(),
+                    },
+                    "results": done,
+                },
+                f,
+            )
         print(
             f"  {r['topology']:<10} load {r['load']:<3} {r['workload']:<8} {r['strategy']:<16}"
             f" total {r['total_s']:6.1f} s  acq p50 {r['acquire_p50']:8.1f} p99"
@@ -111,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = os.path.join(args.out, "races.csv")
     md_path = os.path.join(args.out, "races.md")
     report.write_csv(results, csv_path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(args.out, "races.partial.csv"))
+    for partial in ("races.partial.csv", "races.partial.json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(args.out, partial))
     header = "\n".join(machine_header(meta))
     with open(md_path, "w") as f:
         f.write(header + "\n\n" + report.markdown(results))

@@ -67,7 +67,7 @@ class Config:
     release_timeout: float = 60.0
     run_timeout: float = 600.0
     procs: int = 4
-    check_pool: int = 8
+    check_pool: int = 32
     synthetic_workers: int = 50
     seed: int = 0
     verbose: bool = True

@@ -166,6 +166,12 @@ class Ctx:
                     time.sleep(random.uniform(0.001, 0.005))  # no lock-step retries
 
 
+#: A node not read even once by the check timeout (the machine too busy to
+#: run the check) is read until this much later: "never showed the marker"
+#: must mean the node was read and showed something else.
+UNREAD_GRACE = 30.0
+
+
 def check_nodes(ctx: Ctx, pool: NodePool, nodes: list, marker: str, t_acq: float, timeout: float):
     """Poll every node until it shows (deleting, marker); record what each showed."""
     deadline = t_acq + timeout
@@ -193,7 +199,7 @@ def check_nodes(ctx: Ctx, pool: NodePool, nodes: list, marker: str, t_acq: float
                     shown = round((now - t_acq) * 1000, 2)
                     count = value[2]
                     break
-            if now >= deadline:
+            if now >= deadline and (seen or now >= deadline + UNREAD_GRACE):
                 break
             time.sleep(delay)
             delay = min(0.02, delay * 2)
@@ -219,6 +225,11 @@ def run_worker(spec: dict, ctx: Ctx, pool: NodePool, records: list, summary: dic
             t1 = time.monotonic()
             rec["t_acquired"] = t1
             rec["nodes"] = check_nodes(ctx, pool, nodes, marker, t1, spec["check_timeout"])
+            unread = [n["node"] for n in rec["nodes"] if not n["seen"]]
+            if unread:
+                # No value to build the critical section on: stop here, and
+                # leave the row held (its rivals then fail, visibly).
+                raise ChangeFailed(f"check could not read {unread} in time")
             counts = [n["count"] for n in rec["nodes"] if n["count"] is not None]
             if counts:
                 read = counts[0]
