@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     header = "\n".join(machine_header(meta))
     with open(md_path, "w") as f:
         f.write(header + "\n\n" + report.markdown(results))
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(report.summary(results))
     pngs = report.plots(results, args.out)
     print()
     print(header)
@@ -162,6 +164,8 @@ def _replot(path: str, out_dir: str) -> int:
     report.write_csv(results, os.path.join(out_dir, "races.csv"))
     with open(os.path.join(out_dir, "races.md"), "w") as f:
         f.write("\n".join(machine_header(data["meta"])) + "\n\n" + report.markdown(results))
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(report.summary(results))
     for png in report.plots(results, out_dir):
         print(png)
     return 0

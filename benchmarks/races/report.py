@@ -129,6 +129,62 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def summary(rows: list[dict]) -> str:
+    """Per topology and load: acquire p50 / p99 (ms), deadlocks and hand-off per workload.
+
+    The winner of a workload is the correct strategy with the lowest acquire
+    p99 that had no failure and no violation.
+    """
+    groups: dict[tuple, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    workloads: dict[tuple, list[str]] = defaultdict(list)
+    for r in rows:
+        key = (r["topology"], r["load"])
+        groups[key][r["strategy"]][r["workload"]] = r
+        if r["workload"] not in workloads[key]:
+            workloads[key].append(r["workload"])
+    parts = []
+    for (topo, load), by_strategy in groups.items():
+        names = workloads[(topo, load)]
+        loads = [r["loadavg_start"] for s in by_strategy.values() for r in s.values()]
+        parts.append(
+            f"**{topo}, synthetic load {load}** (machine load {min(loads):.0f}-{max(loads):.0f};"
+            " cells: acquire p50 / p99 ms; deadlocks; hand-off p50 ms)\n"
+        )
+        table = [["strategy", *names]]
+        for strategy in sorted(by_strategy):
+            cells = [strategy]
+            for w in names:
+                r = by_strategy[strategy].get(w)
+                if r is None:
+                    cells.append("")
+                    continue
+                cell = f"{_fmt(r['acquire_p50'])} / {_fmt(r['acquire_p99'])}"
+                cell += f"; {_fmt(r['deadlocks_sum'])}"
+                if not math.isnan(r.get("handoff_p50", math.nan)):
+                    cell += f"; {_fmt(r['handoff_p50'])}"
+                if r["violations"]:
+                    cell += f"; **{r['violations']} violations**"
+                if r.get("failed_workers"):
+                    cell += f"; **{r['failed_workers']} failed**"
+                cells.append(cell)
+            table.append(cells)
+        best_row = ["lowest p99"]
+        for w in names:
+            ok = [
+                by_strategy[s][w]
+                for s in by_strategy
+                if w in by_strategy[s] and s != "read_then_write" and _clean(by_strategy[s][w])
+            ]
+            best_row.append(min(ok, key=lambda r: r["acquire_p99"])["strategy"] if ok else "")
+        table.append(best_row)
+        parts.append(render_markdown(table))
+    return "\n".join(parts)
+
+
+def _clean(r: dict) -> bool:
+    return not r["violations"] and not r.get("failed_workers")
+
+
 def render_markdown(table: list[list[str]]) -> str:
     head, *body = table
     lines = ["| " + " | ".join(head) + " |", "|:--" + "|--:" * (len(head) - 1) + "|"]
