@@ -23,8 +23,12 @@ if (( want_test )); then
     # GlusterFS (server + FUSE client) and iproute2 for the shared-filesystem tests
     # (xfsprogs: a loop-mounted XFS with reflinks for the copy-offload test),
     # which run glusterd in a network namespace of their own.
+    # The races study (benchmarks/races, tests/functional/test_races.py): a three-node
+    # Galera cluster (the galera-4 provider; rsync for state transfer to joiners)
+    # behind HAProxy.
     for p in redis-server zookeeper etcd-server etcd-client memcached mariadb-server postgresql \
-        python3-venv glusterfs-server glusterfs-client iproute2 util-linux xfsprogs; do
+        python3-venv glusterfs-server glusterfs-client iproute2 util-linux xfsprogs \
+        galera-4 haproxy rsync; do
         need "$p"
     done
 fi

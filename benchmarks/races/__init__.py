@@ -1,0 +1,1 @@
+"""The API-races study rebuilt on a real multi-master cluster (see README.md here)."""
