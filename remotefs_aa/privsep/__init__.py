@@ -67,17 +67,45 @@ class _Channel(priv_daemon.RootwrapClientChannel):
         self, name: str, args: tuple, kwargs: dict, timeout: float | None = None
     ) -> Any:
         try:
+            if not self.running:
+                # The reader ended between the context's check and this call.
+                raise OSError("the privileged daemon's channel is closed")
             return super().remote_call(name, args, kwargs, timeout)
         except OSError as exc:
             # The channel's reader fails every waiting call with a plain
-            # OSError when the daemon goes away; an entrypoint's own
+            # OSError when the daemon goes away, and a send to a daemon
+            # that is gone fails with a ConnectionError; an entrypoint's own
             # FileNotFoundError & co. arrive as their subclasses.
-            if type(exc) is OSError and not self.running:
+            lost = type(exc) is OSError or isinstance(exc, ConnectionError)
+            if lost and not self.running:
                 raise exception.PrivilegedDaemonLost(
                     self._section,
                     exc,  # type: ignore[attr-defined]
                 ) from exc
             raise
+
+    def _reader_main(self, reader: Any) -> None:
+        """oslo.privsep's reader, which also fails the waiting calls when the read fails.
+
+        The stock reader handles EOF only. A daemon killed while a request
+        waits unread in its socket resets the connection instead
+        (ECONNRESET), and a garbled reply raises in the deserializer: the
+        stock thread then dies with its waiters left waiting for good and
+        the channel still marked running, so the context never restarts
+        its daemon. Here both end like EOF: every waiting call fails with a
+        plain OSError (PrivilegedDaemonLost above) and the next call starts
+        a new daemon.
+        """
+        try:
+            super()._reader_main(reader)
+        except Exception as exc:  # whatever ended the reader ends the channel
+            section = getattr(self, "_section", "privileged daemon")
+            LOG.warning("[%s] lost the privileged daemon's channel: %s", section, exc)
+            lost = OSError(f"the privileged daemon's channel failed: {exc!r}")
+            with self.lock:
+                for mbox in self.outstanding_msgs.values():
+                    mbox.set_exception(lost)
+                self.running = False
 
 
 class Context(priv_context.PrivContext):
