@@ -465,6 +465,14 @@ class Chain:
                     self.path(top), [self.base] if state.format == "raw" else None
                 )
         except FileNotFoundError:
+            if state.raw is None and top == self.base:
+                # No .info, no marker and no base: nothing of the volume is
+                # here (deleted, by this host or another, or never created).
+                raise exception.VolumeNotFound(
+                    f"volume {self.volume_id} is not on share {self.directory} "
+                    f"(no {self.base} and no {self.base}.info): it was deleted, or "
+                    f"never created here"
+                ) from None
             raise exception.InvalidImage(
                 self.path(top), "the image is missing (named by the .info file)"
             ) from None
@@ -611,6 +619,11 @@ class Chain:
         return self._finish_revert(state, intent)
 
     def _recover_delete_volume(self, state: ChainState, intent: dict) -> ChainState:
+        if state.raw is not None:
+            # Interrupted between its claim and its marker: take that step
+            # now, so the .info file goes last, as the marker, like any
+            # other finished deletion's.
+            self.io.rename(self.info_path, self.deleting_path)
         # The .info file is the marker now: its text names the files to remove.
         text = self.io.read_text(self.deleting_path)
         try:
