@@ -72,12 +72,7 @@ FENCED = ("LeaseExpired", "StaleInfoGeneration")
 #: Product bugs each reproduced by an xfail(strict=True) test of this module: the
 #: matrices report what matches (in the table and as KNOWN BUG lines) but do not
 #: fail on it, so the xfail test alone turns green when it is fixed.
-KNOWN_BUGS = [
-    (
-        re.compile(r"deleted but left \['volume-[^']+\.info'\]"),
-        "test_a_finished_volume_deletion_leaves_no_info_file",
-    ),
-]
+KNOWN_BUGS: list[tuple[re.Pattern[str], str]] = []
 #: Errors worth a retry by B (a still running qemu-img of a fenced daemon holds
 #: the image's lock; the backend was just restarted).
 RETRY = ("PrivilegedCommandFailed", "LockTimeout", "LockBackendUnavailable", "LockBusy")
@@ -1310,14 +1305,6 @@ def test_a_slow_daemon_start_does_not_fence_the_service(work, gl, redis):
     assert proc.returncode == 0, proc.stderr[-1500:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a daemon killed while a request waits unread in its socket resets the "
-    "connection (ECONNRESET, not EOF); oslo.privsep's reader thread then dies without failing "
-    "the waiting calls or marking the channel down, and remotefs_aa's _Channel does not cover "
-    "it: the call hangs for good and every later call of that context fails (BrokenPipeError, "
-    "no restart) until the service restarts",
-)
 def test_a_daemon_killed_with_a_call_queued_fails_that_call(work, gl, redis):
     with lanes(work, gl, redis.url, 1) as (lane,):
         model = prepare(lane.b, "extend", lane.share)
@@ -1440,13 +1427,6 @@ def local_driver(tmp_path):
     service.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a volume deletion interrupted after its claim (intent in volume-<id>.info) "
-    "and before the rename of .info to the marker is finished by the next operation, which "
-    "removes every file but volume-<id>.info itself (Chain._delete_files assumes the .info "
-    "was renamed); the leftover keeps its intent, so the id can never be created again",
-)
 def test_a_finished_volume_deletion_leaves_no_info_file(local_driver):
     from remotefs_aa import exception
     from remotefs_aa.objects import Snapshot
@@ -1470,12 +1450,6 @@ def test_a_finished_volume_deletion_leaves_no_info_file(local_driver):
     assert v.volume_files(local_driver, vol, claims=True) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an operation on a volume that is gone (deleted by another host) fails with "
-    "InvalidImage 'the image is missing (named by the .info file)' although there is no .info "
-    "file; it should be VolumeNotFound",
-)
 def test_an_operation_on_a_deleted_volume_says_it_is_gone(local_driver):
     from remotefs_aa import exception
     from remotefs_aa.objects import Snapshot
