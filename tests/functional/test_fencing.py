@@ -69,9 +69,9 @@ R = faults.REGION
 #: Redis lock_timeout of servers.RedisServer: a stopped holder's lock expires after it.
 LEASE = servers.RedisServer.lock_expiry
 FENCED = ("LeaseExpired", "StaleInfoGeneration")
-#: Product bugs each reproduced by an xfail(strict=True) test of this module: the
+#: Known product bugs, each with an xfail(strict=True) test of this module: the
 #: matrices report what matches (in the table and as KNOWN BUG lines) but do not
-#: fail on it, so the xfail test alone turns green when it is fixed.
+#: fail on it, so the xfail test alone turns green when it is fixed. None open now.
 KNOWN_BUGS: list[tuple[re.Pattern[str], str]] = []
 #: Errors worth a retry by B (a still running qemu-img of a fenced daemon holds
 #: the image's lock; the backend was just restarted).
@@ -896,12 +896,6 @@ def test_racing_writers_on_two_mounts_exactly_one_wins(request, two_mounts, work
     assert 0 < wins1 < trials  # both writers really raced
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: publish_info leaves its .volume-<id>.info.tmp-* file behind when it loses "
-    "the link(2) race (the 'return' inside the try skips the cleanup); one file per lost "
-    "race, removed only by a later sweep_leftovers (at service start)",
-)
 def test_a_losing_writer_leaves_no_temp_file(two_mounts, work):
     result = race(two_mounts, work, "race-leftovers", 4, 25)
     assert result["left"]["tmp"] == 0, dict(result["left"])
@@ -1261,16 +1255,9 @@ def test_kill_during_long_commands(request, redis_lanes, table):
     assert [r["problems"] for r in rows if r["problems"]] == []
 
 
-# -- product bugs, each as an xfail(strict=True) test that turns green when it is fixed ------
+# -- product bugs the fault tests found, each a test of its fix --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with secure file operations (nas_secure_file_operations = true, the 'auto' "
-    "default on a new NFS/GlusterFS share) the chain steps run in the service through "
-    "InProcessIO, which calls the entrypoints' undecorated bodies (__wrapped__): no deadline "
-    "is checked or carried, no child is ended, so a paused holder resumes unfenced",
-)
 def test_secure_file_operations_are_fenced_too(request, work, gl, redis, images, table):
     """The teeth scenario with A on secure file operations and deadlines on."""
     case = dataclasses.replace(TEETH, k=1, step="rename", io="rename")
@@ -1281,12 +1268,6 @@ def test_secure_file_operations_are_fenced_too(request, work, gl, redis, images,
     assert row["problems"] == [] and row["ended"] in FENCED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a step's deadline is read before its call starts the privileged daemon "
-    "(and the heartbeat thread waits for that start to send fence_extend), so a daemon "
-    "that takes longer than the lease's margin to start fences the service's own start-up",
-)
 def test_a_slow_daemon_start_does_not_fence_the_service(work, gl, redis):
     config = host_config(work, gl, "host-slow", redis.url)
     helper = os.path.join(os.path.dirname(sys.executable), "remotefs-aa-privsep-helper")
@@ -1327,13 +1308,6 @@ def test_a_daemon_killed_with_a_call_queued_fails_that_call(work, gl, redis):
         assert a.call("state", volume=model.vol)["virtual_size"] == GiB  # a new daemon answers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a service whose presence lock lapsed once (a pause past the lease, a "
-    "partition, a backend restart) never takes it back but keeps refreshing its record, so "
-    "every service that starts later on the share refuses to start (HostLocalLockProvider, "
-    "naming the very same backend) until the first one restarts",
-)
 def test_a_paused_service_does_not_lock_out_new_services(redis_lanes):
     lane = redis_lanes[0]
     os.kill(lane.a.pid, signal.SIGSTOP)
