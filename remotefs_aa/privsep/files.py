@@ -520,31 +520,34 @@ def publish_info(
             # Another publisher of this generation is at work (or died at it:
             # the next locked operation on the volume removes its leftover).
             return effective_info(dirfd, base) or ""
+        # The temp file is compared by inode while its descriptor is still
+        # open: a closed, removed inode's number can be reused at once by a
+        # successor's temp file of the same name.
         ino = os.fstat(fd).st_ino
         try:
-            try:
-                os.fchmod(fd, bits)
-                view = memoryview(data.encode())
-                while view:
-                    view = view[os.write(fd, view) :]
-                if durable:
-                    os.fsync(fd)
-                os.link(
-                    f"/proc/self/fd/{fd}",
-                    claim_name(base, generation),
-                    dst_dir_fd=dirfd,
-                    follow_symlinks=True,
-                )
-            finally:
-                os.close(fd)
+            os.fchmod(fd, bits)
+            view = memoryview(data.encode())
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+            os.link(
+                f"/proc/self/fd/{fd}",
+                claim_name(base, generation),
+                dst_dir_fd=dirfd,
+                follow_symlinks=True,
+            )
         except (FileExistsError, FileNotFoundError):
             # The claim exists (another writer won) or our temp file was
             # removed under us (we were fenced): either way we lost.
             _unlink_if_same(dirfd, tmp, ino)
+            os.close(fd)
             return effective_info(dirfd, base) or ""
         except BaseException:
             _unlink_if_same(dirfd, tmp, ino)
+            os.close(fd)
             raise
+        os.close(fd)
         try:
             os.rename(tmp, base + ".info", src_dir_fd=dirfd, dst_dir_fd=dirfd)
         except FileNotFoundError:
