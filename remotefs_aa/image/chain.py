@@ -1041,7 +1041,7 @@ class Chain:
                 problems.append(f"snapshot {snap}: {name} is not in the chain")
         # A listing here: verification looks for what no name leads to.
         files = self.io.list_directory(self.directory)
-        claims = re.compile(rf"^\.{re.escape(self.base)}\.gen\.[0-9]+$")
+        claims = re.compile(rf"^\.{re.escape(self.base)}\.gen\.[0-9]+\Z")
         for name in files:
             if claims.match(name):
                 continue  # the compare-and-swap's generation claims (a bounded few)

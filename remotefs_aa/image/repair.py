@@ -29,7 +29,7 @@ from remotefs_aa.image.chain import Chain, ChainState, parse_info
 from remotefs_aa.privsep import images
 
 _GENERATION = re.compile(r'"generation"\s*:\s*(\d+)')
-_CLAIM = re.compile(r"^gen\.(\d+)$")
+_CLAIM = re.compile(r"^gen\.(\d+)\Z")
 
 
 @dataclasses.dataclass

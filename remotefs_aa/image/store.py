@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from remotefs_aa import exception
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*\Z")
 CHUNK = 4 * 1024 * 1024
 
 

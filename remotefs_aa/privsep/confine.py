@@ -289,7 +289,7 @@ def directory_mode(value: object) -> int:
     return bits
 
 
-_PLAIN = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
 
 
 def plain_name(value: object, what: str = "name") -> str:
@@ -304,7 +304,7 @@ def plain_name(value: object, what: str = "name") -> str:
     return value
 
 
-_CONVERSION = re.compile(r"^(?:image|upload)-[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.[0-9]+\.[0-9]+$")
+_CONVERSION = re.compile(r"^(?:image|upload)-[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.[0-9]+\.[0-9]+\Z")
 
 
 def is_conversion_name(name: str) -> bool:

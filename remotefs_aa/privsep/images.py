@@ -44,11 +44,13 @@ from remotefs_aa.privsep import qcow2
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"
 #: Names a snapshot id may not take: they are the volume's own bookkeeping files.
 RESERVED_SUFFIXES = frozenset({"info", "tmp", "deleting", "revert"})
-_ID = re.compile(rf"^{ID_PATTERN}$")
+_ID = re.compile(rf"^{ID_PATTERN}\Z")
 # volume-<id> and volume-<id>.<snap> (a volume's images), and the hidden names
 # of its unfinished work: .volume-<id>.tmp and .volume-<id>.<snap>.revert.
-_VISIBLE = re.compile(rf"^volume-(?P<vol>{ID_PATTERN})(?:\.(?P<snap>{ID_PATTERN}))?$")
-_HIDDEN = re.compile(rf"^\.volume-(?P<vol>{ID_PATTERN})(?:\.tmp|\.(?P<snap>{ID_PATTERN})\.revert)$")
+_VISIBLE = re.compile(rf"^volume-(?P<vol>{ID_PATTERN})(?:\.(?P<snap>{ID_PATTERN}))?\Z")
+_HIDDEN = re.compile(
+    rf"^\.volume-(?P<vol>{ID_PATTERN})(?:\.tmp|\.(?P<snap>{ID_PATTERN})\.revert)\Z"
+)
 
 #: Longer chains are refused: a loop or a hostile image, not a real volume.
 MAX_CHAIN_DEPTH = 512

@@ -65,7 +65,7 @@ ALLOWED_OPTIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 # A value: letters, digits and ._:@%+- (':' separates backup servers); no
 # '/' (no path anywhere), no ',' (it would start another option), no '='.
-_VALUE = re.compile(r"^[A-Za-z0-9_.:@%+-]{1,255}$")
+_VALUE = re.compile(r"^[A-Za-z0-9_.:@%+-]{1,255}\Z")
 # host:/export or host:/volume (a bracketed IPv6 host too); never a local path.
 _REMOTE = re.compile(
     r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*):/?[A-Za-z0-9_.+@%-][A-Za-z0-9_./+@%-]*$"

@@ -190,3 +190,11 @@ def test_name_grammar():
     assert images.is_id("6aa6c52b-a120-4397-8982-7c5ebaa1e4be")
     for bad in ("a.b", "a/b", "../x", "", "-a", "info", "x" * 129, None):
         assert not images.is_id(bad), bad
+
+
+@pytest.mark.parametrize("name", ["volume-a.b\n", "volume-a\n", "volume-a.b\nx", ".volume-a.tmp\n"])
+def test_a_trailing_newline_names_no_file_of_the_volume(name):
+    # '$' matches before a final newline: one file would have two spellings.
+    assert not images.backing_allowed("a", name)
+    assert images.volume_of(name) is None
+    assert not images.is_id(name.removeprefix("volume-"))
