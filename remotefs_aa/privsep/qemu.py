@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import re
@@ -128,7 +129,7 @@ def qemu_img_create(
             size = size_bytes
         size = confine.positive_int(size, "size")
         data = None
-        if backing_file is not None:
+        if backing_file is not None and size <= TEMPLATE_MAX_SIZE:
             data = overlay_image(size, backing_file, backing_fmt)  # type: ignore[arg-type]
         with _new_file(dirfd, directory, name, mode) as fd:
             if data is not None:
@@ -139,6 +140,13 @@ def qemu_img_create(
                 _run([*argv, f"/proc/self/fd/{fd}", str(size)], (fd,), f"qemu-img create {path}")
 
 
+#: Overlays of larger volumes are made by qemu-img itself: a template holds
+#: the L1 table (8 bytes per 512 MiB), 1 MiB at 64 TiB, and a template's
+#: bytes stay in the daemon's memory.
+TEMPLATE_MAX_SIZE = 64 << 40
+#: What an empty overlay of at most TEMPLATE_MAX_SIZE can take: its header,
+#: refcount table and block and L1 table, a few clusters each.
+_TEMPLATE_MAX_BYTES = 4 << 20
 #: A backing name qemu-img writes into the overlay templates, replaced per overlay.
 _PLACEHOLDER = b"volume-" + b"0" * 36
 _templates: dict[tuple[int, str], tuple[bytes, int]] = {}
@@ -165,19 +173,38 @@ def overlay_image(size: int, backing_file: str, backing_fmt: str) -> bytes:
     with _templates_lock:
         found = _templates.get(key)
     if found is None:
-        memfd = os.memfd_create("remotefs_aa-overlay", os.MFD_CLOEXEC)
+        # qemu-img runs as the service's user, who can open the memfd it
+        # writes through /proc while it runs: the template is sealed once it
+        # exits, read within a bound, and refused unless its header is that
+        # of a plain empty overlay. (What a tampered template could still
+        # hold, the service's user may write into its own overlay anyway.)
+        memfd = os.memfd_create("remotefs_aa-overlay", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", _PLACEHOLDER.decode()]
             argv += ["-F", backing_fmt, f"/proc/self/fd/{memfd}", str(size)]
             _run(argv, (memfd,), "qemu-img create (overlay template)")
-            template = b""
-            while chunk := os.pread(memfd, 1 << 20, len(template)):
-                template += chunk
+            seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, seals)
+            length = os.fstat(memfd).st_size
+            if length > _TEMPLATE_MAX_BYTES:
+                raise exception.PrivilegedCommandFailed(
+                    "qemu-img create (overlay template)", 0, f"{length} bytes"
+                )
+            template = os.pread(memfd, length, 0)
         finally:
             os.close(memfd)
         (offset,) = struct.unpack_from(">Q", template, 8)
         header = qcow2.parse_header(template, len(template), "overlay template")
-        if header.backing_file != _PLACEHOLDER.decode() or header.virtual_size != size:
+        plain = (
+            header.format == "qcow2"
+            and header.backing_file == _PLACEHOLDER.decode()
+            and header.backing_format == backing_fmt
+            and header.virtual_size == size
+            and header.data_file is None
+            and not header.encrypted
+            and header.incompatible_features == 0
+        )
+        if not plain or len(template) != length:
             raise exception.PrivilegedCommandFailed("qemu-img create (template)", 0, "unexpected")
         found = (template, offset)
         with _templates_lock:
@@ -647,7 +674,7 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool = Tr
 
 #: Any name of volume ``vol``: its images (``volume-<id>[.<snap>]``, the
 #: ``.info``) and its hidden bookkeeping (``.volume-<id>.<anything>``).
-_ANY_OF_VOLUME = re.compile(rf"^\.?volume-(?P<vol>{images.ID_PATTERN})(?:\.|$)")
+_ANY_OF_VOLUME = re.compile(rf"^\.?volume-(?P<vol>{images.ID_PATTERN})(?:\.|\Z)")
 
 
 @entrypoint(file_pctxt)
