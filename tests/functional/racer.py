@@ -15,7 +15,9 @@ what the other would have written: the loser must get exactly the winner's
 text back.
 
 Prints one JSON line: ``{"lanes": {lane: "WLLW..."}, "seconds": s}`` where
-W = won, L = lost and got the other's text, X = lost and got anything else.
+W = won, L = lost and got the other's text, E = lost at the exclusive temp
+file before the winner published and got the text both had read, X = lost
+and got anything else.
 """
 
 from __future__ import annotations
@@ -51,13 +53,18 @@ def lane_run(
             raise RuntimeError("barrier broken")
         mine = text(name, lane, trial)
         got = files.publish_info(directory, base, mine, trial + 1, expected, 0o640)
+        theirs = text(other, lane, trial)
         if got is None:
             marks.append("W")
             expected = mine
         else:
-            theirs = text(other, lane, trial)
-            marks.append("L" if got == theirs else "X")
-            expected = got
+            # A loser at the link was handed the winner's text; a loser at
+            # the exclusive temp file may have read before the winner
+            # published, and was handed the text both had read.
+            marks.append("L" if got == theirs else "E" if got == (expected or "") else "X")
+            # The other writer won (or both lost, which the test reports as
+            # LL/EE/LE and the next trial would show again).
+            expected = theirs
     out[lane] = "".join(marks)
 
 
