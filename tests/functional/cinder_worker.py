@@ -866,44 +866,103 @@ def scenario_verify(args) -> dict:
 
 
 def scenario_victim(args) -> dict:
-    """Clone a volume full of data and snapshot that source meanwhile; wait to be killed.
+    """Clone a volume full of data, snapshot that source meanwhile; wait to be killed.
 
-    The clone holds our locks on the source and the new volume while
-    qemu-img copies; the snapshot (checked as the API checks it) waits for
-    the source's lock inside the driver. Both are claimed in the workers
-    table by this service when the test kills the process (SIGKILL).
+    Nothing here depends on timing. The clone stops at a known step: a
+    ``fence.on_step`` hook blocks its thread right after the copy
+    (``qemu_img_convert``, "after"), holding our locks on the source and the
+    new volume, with the copy in the new volume's hidden temp file and no
+    ``.info`` published yet; it prints ``{"paused": STEP, "files": [...]}``.
+    Only then the snapshot (checked as the API checks it) starts, and when it
+    reaches the blocking acquire of the source's lock inside the driver this
+    prints ``{"snapshotting": ID}``: both are claimed in the workers table by
+    this service, and the test kills the process (SIGKILL). A privileged
+    step of the snapshot (it got the source's lock) is printed as
+    ``{"snapshot step": STEP}``.
     """
+    from remotefs_aa import coordination as ours
+    from remotefs_aa.coordination import guard
+    from remotefs_aa.privsep import fence
+
     host = Host(args.backend)
     source = objects.Volume.get_by_id(host.ctxt, args.volume)
     print(json.dumps({"ready": host.service.id, "pid": os.getpid()}), flush=True)
     clone_row = host.new_row(source.size, source_volid=source.id)
     clone_row.create_worker()
+    role = threading.local()  # green-thread local under eventlet
+    paused, waiting = threading.Event(), threading.Event()
+    (source_lock,) = guard.lock_names([source.name_id])
+
+    def hook(when: str, step: str) -> None:
+        who = getattr(role, "name", None)
+        if who == "snapshot":
+            print(json.dumps({"snapshot step": f"{when} {step}"}), flush=True)
+        if who != "clone" or (when, step) != ("after", "qemu_img_convert"):
+            return
+        # Called in a ``finally``: an exception the copy raised is in flight here.
+        failed = sys.exc_info()[1]
+        files = files_of(host.driver, clone_row.name)
+        report = {"paused": f"{when} {step}", "files": files, "copy error": failed and repr(failed)}
+        print(json.dumps(report), flush=True)
+        paused.set()
+        threading.Event().wait()  # until the SIGKILL
+
+    provider = ours.get_provider()
+    get_lock = provider.get_lock
+
+    def watched_get_lock(name: str):
+        lock = get_lock(name)
+        if name == source_lock and getattr(role, "name", None) == "snapshot":
+            acquire = lock.acquire
+
+            def acquire_watched(blocking: bool = True, timeout: float | None = None) -> bool:
+                if blocking:
+                    waiting.set()
+                return acquire(blocking=blocking, timeout=timeout)
+
+            lock.acquire = acquire_watched
+        return lock
+
+    provider.get_lock = watched_get_lock
+    fence.on_step = hook
 
     def clone() -> None:
-        spec = objects.RequestSpec(source_volid=source.id)
-        host.mgr.create_volume(host.ctxt, clone_row, request_spec=spec)
-        print(json.dumps({"clone finished": clone_row.id}), flush=True)
+        role.name = "clone"
+        try:
+            spec = objects.RequestSpec(source_volid=source.id)
+            host.mgr.create_volume(host.ctxt, clone_row, request_spec=spec)
+            clone_row.refresh()
+            print(json.dumps({"clone finished": clone_row.id, "status": clone_row.status}))
+        except BaseException as e:
+            print(json.dumps({"clone finished": clone_row.id, "error": repr(e)}))
+        finally:
+            sys.stdout.flush()
+            paused.set()
 
     def snapshot() -> None:
-        snap = host.snapshot(source)
-        print(json.dumps({"snapshot finished": snap.id}), flush=True)
+        role.name = "snapshot"
+        try:
+            snap = host.snapshot(source)
+            print(json.dumps({"snapshot finished": snap.id, "status": snap.status}))
+        except BaseException as e:
+            print(json.dumps({"snapshot finished": None, "error": repr(e)}))
+        finally:
+            sys.stdout.flush()
+            waiting.set()
 
     threading.Thread(target=clone, daemon=True).start()
     print(json.dumps({"cloning": clone_row.id}), flush=True)
-    time.sleep(0.3)
+    paused.wait()
     threading.Thread(target=snapshot, daemon=True).start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        claimed = [
-            w
-            for w in db.worker_get_all(host.ctxt, service_id=host.service.id)
-            if w.resource_type == "Snapshot"
-        ]
-        if claimed:
-            print(json.dumps({"snapshotting": claimed[0].resource_id}), flush=True)
-            break
-        time.sleep(0.05)
-    time.sleep(600)
+    waiting.wait()
+    claimed = [
+        w
+        for w in db.worker_get_all(host.ctxt, service_id=host.service.id)
+        if w.resource_type == "Snapshot"
+    ]
+    if claimed:
+        print(json.dumps({"snapshotting": claimed[0].resource_id}), flush=True)
+    threading.Event().wait()  # until the SIGKILL
     return {}
 
 
@@ -950,7 +1009,7 @@ def scenario_cleanup(args) -> dict:
 
 
 def scenario_fill(args) -> dict:
-    """A volume of ``--size`` GiB, half of it written (so a clone takes a while).
+    """A volume of ``--size`` GiB, half of it written (data for a clone to copy).
 
     Its pattern is in region 0 and region 1 stays empty, as the verifier
     expects of every volume; the bulk starts at 1 MiB.

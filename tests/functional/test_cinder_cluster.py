@@ -21,11 +21,12 @@ database; afterwards every chain is verified and every volume and snapshot
 read back. The same workload without our locks must fail.
 
 Then (a test of its own, after a short workload for bystanders) one host is
-killed with SIGKILL in the middle of a clone, while a snapshot of the clone's
-source waits for that source's lock in the driver: both are claimed by the
-dead host in the workers table. The other host's ``do_cleanup`` errors them,
-deleting them removes what the clone had written, and every other volume and
-snapshot is intact.
+killed with SIGKILL in the middle of a clone (a step hook holds it right
+after its copy, locks held, nothing published: no race with how fast the
+copy is), while a snapshot of the clone's source waits for that source's
+lock in the driver: both are claimed by the dead host in the workers table.
+The other host's ``do_cleanup`` errors them, deleting them removes what the
+clone had written, and every other volume and snapshot is intact.
 
 Every server runs in the GlusterFS volume's network namespace, on its
 loopback; this test stops them by PID.
@@ -353,21 +354,33 @@ def _kill_one_host_mid_operation(gl, configs: list[str], server) -> None:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    deadline = time.monotonic() + 60
-    while not any("snapshotting" in x for x in lines):
+    # The victim reports where each piece of work stopped (no timing: its
+    # clone is paused by a step hook, its snapshot at the source's lock).
+    deadline = time.monotonic() + 120
+    stops = ("snapshotting", "clone finished", "snapshot finished")
+    while not any(stop in x for x in lines for stop in stops):
         assert victim.poll() is None, f"victim exited {victim.returncode}: {victim.stderr.read()}"
         assert time.monotonic() < deadline, f"victim never got going: {lines}"
         time.sleep(0.05)
-    time.sleep(0.3)
     finished = [x for x in lines if "clone finished" in x or "snapshot finished" in x]
-    assert not finished, f"work ended before the kill: {finished}; clone a larger volume"
-    print(f"victim cloning and snapshotting; killed {time.monotonic() - deadline + 60:.1f} s in")
+    assert not finished, f"work ended before the kill: {finished}"
+    paused = next(x for x in lines if "paused" in x)
+    assert paused["paused"] == "after qemu_img_convert", paused
+    assert paused["copy error"] is None, paused
+    clone = next(x["cloning"] for x in lines if "cloning" in x)
+    # The clone's copy is on the share (so deleting it later has something to remove).
+    assert any(name.endswith(".tmp") for name in paused["files"]), paused
+    # The snapshot never got the source's lock: the paused clone holds it.
+    assert not [x for x in lines if "snapshot step" in x], lines
+    print(
+        f"victim paused {paused['paused']} ({paused['files']}), snapshot at the source's "
+        f"lock; killed {time.monotonic() - deadline + 120:.1f} s in"
+    )
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     reader.join(timeout=10)
     killed_at = time.monotonic()
     dead = next(x["ready"] for x in lines if "ready" in x)
-    clone = next(x["cloning"] for x in lines if "cloning" in x)
     snapshot = next(x["snapshotting"] for x in lines if "snapshotting" in x)
 
     result = _run(gl, "cleanup", configs[1], "--dead-service", str(dead), mode="threading")
