@@ -306,6 +306,9 @@ def main() -> int:
         "%(message)s",
         datefmt="%H:%M:%S",
     )
+    # Every .info generation in the log ("volume %s: published generation %d (%s)",
+    # by thread op-<n>): who wrote which generation, when a fenced writer is in doubt.
+    logging.getLogger("remotefs_aa.image.chain").setLevel(logging.DEBUG)
     conf = service.make_config(["--config-file", sys.argv[1]])
     from remotefs_aa import privsep
     from remotefs_aa.privsep import files, mount

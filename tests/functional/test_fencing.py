@@ -329,6 +329,10 @@ class Model:
     new_data: dict[int, int] | None = None
     gone: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: (service, op id) of a holder let go while B starts (backend restart): until
+    #: it sees its lease lost it may still publish the volume's next generation
+    #: (its claim of its next step), and B's read of the one before is refused.
+    racing: tuple[faults.Service, int] | None = None
 
 
 def prepare(b: faults.Service, op: str, share: str) -> Model:
@@ -376,14 +380,70 @@ def a_operation(op: str, model: Model, images: str | None) -> tuple[str, dict]:
 
 
 def retried(b: faults.Service, op: str, model: Model, within: float = 60, **args: Any) -> dict:
-    """Run ``op`` on B, retrying the errors a fenced peer may still cause; notes say so."""
+    """Run ``op`` on B, retrying the errors a fenced peer may still cause; notes say so.
+
+    A StaleInfoGeneration is retried only with ``model.racing`` and only when the
+    generation B lost was published by that holder's operation (its log says
+    so): B's refused write is then the compare-and-swap fencing B's stale read,
+    and B changed nothing. Any other writer is a problem, reported as B's error.
+    """
     deadline = time.monotonic() + within
     while True:
         done = b.attempt(op, timeout=within + 30, **args)
-        if done["ok"] or done["error"] not in RETRY or time.monotonic() > deadline:
+        if done["ok"] or time.monotonic() > deadline:
             return done
-        model.notes.append(f"B {op} retried after {done['error']}")
+        if done["error"] == "StaleInfoGeneration" and model.racing is not None:
+            writer = lost_to(done["message"], *model.racing)
+            if writer is None:
+                return done
+            model.notes.append(f"B {op} retried after StaleInfoGeneration: {writer}")
+        elif done["error"] not in RETRY:
+            return done
+        else:
+            model.notes.append(f"B {op} retried after {done['error']}")
         time.sleep(0.2)
+
+
+_STALE = re.compile(r"refusing to write \S*volume-([0-9a-f-]+)\.info: it was at generation (\d+)")
+
+
+def published(svc: faults.Service, volume_id: str, generation: int) -> list[tuple[str, str]]:
+    """(thread, label) of each publish of ``generation`` of ``volume_id`` in ``svc``'s log."""
+    line = re.compile(
+        rf"^\S+ \d+ (\S+) DEBUG remotefs_aa\.image\.chain: volume {re.escape(volume_id)}: "
+        rf"published generation {generation} \((.*)\)$",
+        re.M,
+    )
+    try:
+        with open(svc.log_path) as f:
+            return line.findall(f.read())
+    except OSError:
+        return []
+
+
+def lost_to(message: str, holder: faults.Service, op_id: int) -> str | None:
+    """Whether ``holder``'s operation ``op_id`` published the generation a refused write lost.
+
+    The writer that read generation N lost the claim of N + 1; the chain logs
+    every generation it publishes (at DEBUG, which the worker turns on), with
+    the operation's thread. None when that was not the holder's operation.
+    """
+    match = _STALE.search(message)
+    if match is None:
+        return None
+    volume_id, lost = match.group(1), int(match.group(2)) + 1
+    found: list[tuple[str, str]] = []
+
+    def look() -> bool:
+        found[:] = published(holder, volume_id, lost)
+        return bool(found)
+
+    # The holder logs its publish just after the daemon made it: allow it a moment.
+    faults.wait_for(look, 5, 0.05)
+    mine = [label for thread, label in found if thread == f"op-{op_id}"]
+    if not mine:
+        return None
+    return f"generation {lost} was {holder.name}'s {mine[0]!r}"
 
 
 def reads(b: faults.Service, vol: dict, snapshot: str, region: int, pattern: int) -> bool:
@@ -700,6 +760,8 @@ def discover_steps(
         group = ops[start : start + len(lanes_)]
         with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
             list(pool.map(one, lanes_, group))
+    for op in ops:
+        _DISCOVERED.setdefault(op, steps[op])
     return {op: steps[op] for op in ops}
 
 
@@ -1022,13 +1084,62 @@ def until_qemu(daemon: int, timeout: float = 60) -> int | None:
     return found[0] if faults.wait_for(look, timeout, 0.005) is not None else None
 
 
+def big_operation(command: str, model: Model, share: str) -> tuple[str, dict]:
+    """A's operation with a long ``qemu-img <command>`` on a ``prepare_big`` volume.
+
+    ``commit``: the delete of S1, the bottom snapshot (S2's overlay is committed
+    into the base); ``convert``: a clone (the new volume is set in ``model``).
+    """
+    if command == "commit":
+        return "delete_snapshot", {"volume": model.vol, "snapshot": model.snaps["S1"]}
+    model.new = {**_new_vol(), "provider_location": share}
+    model.new_data = dict(model.data["active"])
+    return "clone", {"volume": model.vol, "new": model.new}
+
+
+_DISCOVERED: dict[str, list[str]] = {}
+_DISCOVERING: dict[str, threading.Lock] = {}
+
+
+def steps_of(lane: Lane, shape: str) -> list[str]:
+    """The privileged calls of one operation shape, discovered once per module (k = 0).
+
+    ``commit`` / ``convert``: :func:`big_operation` on a small ``prepare_big``
+    volume (the step list does not depend on the size); an operation of
+    ``OPS``: on ``prepare``'s volume. So the tests that stop an operation at its
+    long command find the step's number in the product's own order.
+    """
+    with _DISCOVERING.setdefault(shape, threading.Lock()):
+        if shape not in _DISCOVERED:
+            if shape in OPS:
+                _DISCOVERED[shape] = discover_steps([lane], None, (shape,))[shape]
+            else:
+                model = prepare_big(lane.b, 4 * R)
+                name, args = big_operation(shape, model, lane.share)
+                done = lane.a.attempt(name, fault={"k": 0}, timeout=300, **args)
+                assert done["ok"], done
+                for vol in (model.vol, model.new):
+                    if vol is not None:
+                        lane.b.call("delete_volume", volume=vol)
+                _DISCOVERED[shape] = done["steps"]
+        return _DISCOVERED[shape]
+
+
+def step_number(lane: Lane, shape: str, step: str) -> int:
+    """The number (from 1, as the hook's ``k``) of the first call ``step`` of ``shape``."""
+    steps = steps_of(lane, shape)
+    assert step in steps, f"{shape}: no {step} among its privileged calls {steps}"
+    return steps.index(step) + 1
+
+
 def pause_during_commit(lane: Lane, mode: str) -> dict:
     a, b = lane.a, lane.b
     # Stopped alone, the service cannot renew: its daemon must end the commit at
     # the deadline, so the commit must last longer than that.
+    k = step_number(lane, "commit", "qemu_img_commit")
     model = prepare_big(b, BIG if mode == "service" else BIG // 2)
-    fault = {"k": 4, "when": "before", "action": "wait"}
-    op_id = a.start("delete_snapshot", fault=fault, volume=model.vol, snapshot=model.snaps["S1"])
+    name, args = big_operation("commit", model, lane.share)
+    op_id = a.start(name, fault={"k": k, "when": "before", "action": "wait"}, **args)
     problems: list[str] = []
     event = a.step(op_id)
     assert event and event["step"] == "qemu_img_commit", event
@@ -1190,13 +1301,9 @@ KILL_BIG = 160 * 2**20
 def kill_during(lane: Lane, target: str, command: str) -> dict:
     """SIGKILL of A's service or daemon while its qemu-img commit / convert runs."""
     a, b = lane.a, lane.b
+    k = step_number(lane, command, f"qemu_img_{command}")
     model = prepare_big(b, KILL_BIG)
-    if command == "commit":
-        name, args, k = "delete_snapshot", {"volume": model.vol, "snapshot": model.snaps["S1"]}, 4
-    else:
-        model.new = {**_new_vol(), "provider_location": lane.share}
-        model.new_data = dict(model.data["active"])
-        name, args, k = "clone", {"volume": model.vol, "new": model.new}, 4
+    name, args = big_operation(command, model, lane.share)
     op_id = a.start(name, fault={"k": k, "when": "before", "action": "wait"}, **args)
     problems: list[str] = []
     event = a.step(op_id)
@@ -1234,7 +1341,7 @@ def kill_during(lane: Lane, target: str, command: str) -> dict:
             problems.append(f"clone again failed: {done_again['error']}: {done_again['message']}")
         problems += follow_up(nxt, model, delete="S2")
     problems += check_and_clean(lane, model)
-    return {"problems": problems, "ended": ended(done), "gone": gone, "notes": model.notes}
+    return {"problems": problems, "ended": ended(done), "gone": gone, "notes": model.notes, "k": k}
 
 
 def test_kill_during_long_commands(request, redis_lanes, table):
@@ -1251,7 +1358,7 @@ def test_kill_during_long_commands(request, redis_lanes, table):
         table.add(f"kill-{target}", op, f"during qemu_img_{command}", row["problems"], row["ended"])
         gone = f"{row['gone']:.2f} s" if row["gone"] is not None else "never"
         lines.append(
-            f"  {target} killed during {command}: qemu-img gone after {gone}; "
+            f"  {target} killed during {command} (call #{row['k']}): qemu-img gone after {gone}; "
             f"A ended with {row['ended']}; notes {row['notes']}"
         )
         lines += [f"  PROBLEM: {p}" for p in row["problems"]]
@@ -1325,6 +1432,48 @@ def test_a_paused_service_does_not_lock_out_new_services(redis_lanes):
 # -- 3. backend restart ---------------------------------------------------------------------------
 
 
+_LOG_LINE = re.compile(r"^(\d+):(\d+):(\d+\.\d+) \d+ (\S+) (\w+) (.*)$", re.M)
+#: Slack between the heartbeat's first failed renewal in the log and its
+#: lost() (another round trip to the backend): a publish logged within it may
+#: have been made before the holder could know.
+RENEWAL_SLACK = 0.1
+
+
+def unaware_success(
+    holder: faults.Service, op_id: int, offset: int, happened: bool | None, model: Model
+) -> list[str]:
+    """Problems of a holder that succeeded although the backend forgot its lock meanwhile.
+
+    It may, if it could not know: its publishes (logged by its operation's
+    thread, from ``offset`` of its log on) all before the first renewal its
+    heartbeat saw fail, and its change is there (B saw it). A publish after
+    that means it went on past a lock it knew to be lost: a fencing bug.
+    """
+    problems = [] if happened else ["the holder reported success but its change is not there"]
+    with open(holder.log_path) as f:
+        f.seek(offset)
+        text = f.read()
+    publishes, failures = [], []
+    for h, m, sec, thread, level, message in _LOG_LINE.findall(text):
+        at = int(h) * 3600 + int(m) * 60 + float(sec)
+        if thread == f"op-{op_id}" and "published generation" in message:
+            publishes.append(at)
+        elif thread == "remotefs_aa-tooz-heartbeat" and level in ("WARNING", "ERROR"):
+            failures.append(at)
+    if not publishes:
+        problems.append(f"the holder succeeded, but its log shows no publish of op-{op_id}")
+    elif failures and publishes[-1] > failures[0] + RENEWAL_SLACK:
+        problems.append(
+            f"the holder published {publishes[-1] - failures[0]:.3f} s after its heartbeat "
+            f"first failed to renew (it went on under a lock it knew to be lost)"
+        )
+    else:
+        model.notes.append(
+            f"A finished before its provider saw the lock gone ({len(publishes)} publishes)"
+        )
+    return problems
+
+
 def test_backend_restart_fences_every_holder(request, redis_lanes, redis, table):
     """Redis restarted (it forgets every lock) while three operations hold locks.
 
@@ -1332,29 +1481,44 @@ def test_backend_restart_fences_every_holder(request, redis_lanes, redis, table)
     in the hook) and is let go at once after the restart, racing B, which
     starts the volume's next operation at once too. Lane 2: B itself holds a
     lock (waiting before its commit). Every holder must be fenced, and what
-    ran twice must not show: every chain verifies, every byte is right.
+    ran twice must not show: every chain verifies, every byte is right. Except
+    lane 1's A: its few remaining steps may all run before its next renewal
+    tells it the lock is gone (Redis forgot it; the lease it knows of has not
+    run out), so it may win every compare-and-swap and succeed. That is
+    accepted only with its change in place and every one of its publishes
+    made before its provider first saw a renewal fail (see unaware_success).
     Runs last among the tests that start services: afterwards no service
     could start (see test_a_paused_service_does_not_lock_out_new_services).
     """
     started = time.monotonic()
     l0, l1, l2 = redis_lanes[:3]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        k0 = pool.submit(step_number, l0, "commit", "qemu_img_commit")
+        k1 = pool.submit(step_number, l1, "delete_middle", "qemu_img_commit")
+        wait0 = {"k": k0.result(), "when": "before", "action": "wait"}
+        wait1 = {"k": k1.result(), "when": "before", "action": "wait"}
     m0 = prepare_big(l0.b, 256 * 2**20)
     m1 = prepare(l1.b, "delete_middle", l1.share)
     m2 = prepare(l2.b, "delete_middle", l2.share)
-    wait4 = {"k": 4, "when": "before", "action": "wait"}
-    op0 = l0.a.start("delete_snapshot", fault=wait4, volume=m0.vol, snapshot=m0.snaps["S1"])
-    op1 = l1.a.start("delete_snapshot", fault=wait4, volume=m1.vol, snapshot=m1.snaps["S2"])
-    op2 = l2.b.start("delete_snapshot", fault=wait4, volume=m2.vol, snapshot=m2.snaps["S2"])
+    name0, args0 = big_operation("commit", m0, l0.share)
+    op0 = l0.a.start(name0, fault=wait0, **args0)
+    op1 = l1.a.start("delete_snapshot", fault=wait1, volume=m1.vol, snapshot=m1.snaps["S2"])
+    op2 = l2.b.start("delete_snapshot", fault=wait1, volume=m2.vol, snapshot=m2.snaps["S2"])
     for svc, op in ((l0.a, op0), (l1.a, op1), (l2.b, op2)):
         assert svc.step(op)["step"] == "qemu_img_commit"
     daemon0 = l0.a.daemon_pid()
     l0.a.go(op0)
     assert until_qemu(daemon0), "lane 0: no qemu-img commit started"
+    log1 = os.path.getsize(l1.a.log_path)
     restarted = time.monotonic()
     with gluster.entered(l0.gl.netns_path):
         redis.restart()
     restart_took = time.monotonic() - restarted
-    l1.a.go(op1)  # races B's next operation, which starts right away
+    # A, let go, races B's next operation, which starts right away: until A's
+    # heartbeat sees the lock lost, A may publish its next claim, and B's read
+    # of the generation before is refused (retried: see retried and lost_to).
+    m1.racing = (l1.a, op1)
+    l1.a.go(op1)
     rows = {}
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         b1 = pool.submit(b_takes_over, l1.b, "delete_middle", m1)
@@ -1368,11 +1532,14 @@ def test_backend_restart_fences_every_holder(request, redis_lanes, redis, table)
         f0 = pool.submit(follow_up, l0.b, m0, "S2")
         # On lane 2 the service that held the lock was B; A does the next operation.
         f2 = pool.submit(b_takes_over, l2.a, "delete_middle", m2)
-        more = {0: f0.result(), 1: b1.result()[0], 2: f2.result()[0]}
+        more = {0: f0.result(), 1: b1.result(), 2: f2.result()[0]}
+    more[1], happened1 = more[1]
     for n, (lane, model) in enumerate(((l0, m0), (l1, m1), (l2, m2))):
         done = results[n]
         problems = list(more[n])
-        if done["ok"] or done["error"] not in FENCED:
+        if n == 1 and done["ok"]:
+            problems += unaware_success(l1.a, op1, log1, happened1, model)
+        elif done["ok"] or done["error"] not in FENCED:
             problems.append(f"the holder ended with {ended(done)}: {done.get('message', '')[:300]}")
         problems += check_and_clean(lane, model)
         noticed = done.get("elapsed")
