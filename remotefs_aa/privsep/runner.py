@@ -109,6 +109,23 @@ def _child_group() -> int | None:
 FENCE_POLL = 0.1
 
 
+def _timeouts() -> tuple[type[BaseException], ...]:
+    """Every class a child's timeout may raise as: eventlet brings a second one.
+
+    Under eventlet's monkey-patching (cinder-volume's default) the
+    ``subprocess`` module this module sees is eventlet's, whose
+    ``TimeoutExpired`` is its own class, while ``Popen.communicate`` still
+    raises the standard library's: ``except subprocess.TimeoutExpired`` alone
+    lets every poll of a running child escape as a crash.
+    """
+    found: list[type[BaseException]] = [subprocess.TimeoutExpired]
+    for name in ("__original_module_subprocess", "eventlet.green.subprocess", "subprocess"):
+        cls = getattr(sys.modules.get(name), "TimeoutExpired", None)
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
 def _fenced(
     argv: list[str], stdin: str | None, timeout: float, pass_fds: tuple[int, ...]
 ) -> tuple[int, str, str]:
@@ -141,7 +158,7 @@ def _fenced(
         try:
             out, err = proc.communicate(pending, timeout=max(0.001, min(left, FENCE_POLL)))
             return proc.returncode, out, err
-        except subprocess.TimeoutExpired:
+        except _timeouts():
             pending = None  # handed over by the first communicate
 
 
@@ -259,8 +276,9 @@ def run(
     shown = shown or shlex.join(argv)
     try:
         rc, out, err = _executor.execute(full, stdin, timeout, pass_fds)
-    except subprocess.TimeoutExpired as exc:
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+    except _timeouts() as exc:
+        raw = getattr(exc, "stderr", None)
+        stderr = raw.decode(errors="replace") if isinstance(raw, bytes) else ""
         raise exception.PrivilegedCommandFailed(
             f"{shown} (after {timeout} s)", -1, stderr or ""
         ) from exc
