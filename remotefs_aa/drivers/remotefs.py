@@ -44,7 +44,7 @@ LOG = logging.getLogger(__name__)
 VERSION = VolumeDriver.VERSION
 _BASE_RE = re.compile(r"^volume-([A-Za-z0-9][A-Za-z0-9_-]*)$")
 _LEFTOVER = re.compile(
-    r"^\.volume-(?P<vol>[A-Za-z0-9][A-Za-z0-9_-]{0,127})\.(?:tmp|info\.tmp-[0-9a-f]+)$"
+    r"^\.volume-(?P<vol>[A-Za-z0-9][A-Za-z0-9_-]{0,127})\.(?:tmp|info\.tmp-[0-9a-f]+)\Z"
 )
 
 

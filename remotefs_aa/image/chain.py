@@ -179,7 +179,8 @@ class PrivilegedIO:
         return self.files.unlink(path)
 
     def unlink_many(self, directory: str, names: list[str]) -> list[str]:
-        return self.files.unlink_many(directory, names)
+        # oslo.privsep's wire format returns lists as tuples (msgpack use_list=False).
+        return list(self.files.unlink_many(directory, names))
 
     def rename(self, src: str, dst: str, exclusive: bool = False) -> None:
         self.files.rename(src, dst, exclusive)

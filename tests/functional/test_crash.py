@@ -147,6 +147,27 @@ def test_orphan_of_a_crashed_snapshot_create_is_swept_by_the_share_sweep(env, ne
     assert v.region_is(*v.active_image(driver, vol), 0, active)
 
 
+def test_the_share_sweep_removes_an_orphan_and_a_dead_temp_file_of_one_volume(env):
+    """Both kinds at once, through the privileged daemon (its lists come back as tuples)."""
+    config, driver = env
+    vol, _s1, s2 = _prepared(driver)
+    job = {
+        "op": "create_snapshot",
+        "volume": dataclasses.asdict(vol),
+        "snapshot_id": "crashed-new",
+        "crash": {"method": "create", "nth": 1, "when": "after"},
+    }
+    _crash(config, job)
+    tmp = os.path.join(driver.share_path(vol.provider_location), f".volume-{vol.id}.tmp")
+    with open(tmp, "wb") as f:
+        f.truncate(1 << 20)  # a create that died
+    assert driver.get_volume_stats(refresh=True)["pools"][0]["leftover_files"] == 0
+    assert not os.path.exists(tmp)
+    assert driver.verify_volume(vol)["problems"] == []
+    assert v.region_is(*v.snapshot_image(driver, s2), 0, 0x22)
+    assert v.region_is(*v.active_image(driver, vol), 0, 0x33)
+
+
 def test_crash_during_delete_volume_is_finished_by_the_next_delete(env):
     config, driver = env
     vol, _s1, _s2 = _prepared(driver)

@@ -462,3 +462,19 @@ def test_create_base_refuses_existing_volume_and_cleans_temp(io):
     with pytest.raises(Boom):
         other.create_from(f"{D}/volume-v1", "raw", GiB, "raw", True)
     assert f"{D}/.volume-v2.tmp" not in io.images
+
+
+def test_privileged_io_hands_back_lists_as_lists():
+    # oslo.privsep's wire format (msgpack, use_list=False) turns the daemon's
+    # lists into tuples; the share sweep then failed adding an orphan's list
+    # to the removed temp files (TypeError), found by the fault tests.
+    class Files:
+        @staticmethod
+        def unlink_many(directory, names):
+            return tuple(names)
+
+    io = ch.PrivilegedIO()
+    io.files = Files()
+    removed = io.unlink_many("/d", [".volume-a.tmp"])
+    assert removed == [".volume-a.tmp"]
+    removed += ["volume-a.orphan"]
