@@ -850,8 +850,8 @@ def pause_points(op: str, k: int, step: str, names: list[str]) -> list[tuple[str
 
 # -- 4. racing writers on the metadata (no services: two writer processes) -----------------
 
-RACE_LANES = 16
-RACE_TRIALS = 625  # x RACE_LANES = 10,000 trials
+RACE_LANES = 32
+RACE_TRIALS = 313  # x RACE_LANES = 10,016 trials
 
 
 @pytest.fixture(scope="module")
