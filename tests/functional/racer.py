@@ -47,6 +47,7 @@ def lane_run(
     directory = os.path.join(directory, f"lane{lane}")
     expected: str | None = None
     marks = []
+    info = os.path.join(directory, base + ".info")
     for trial in range(trials):
         os.write(wfd, b"x")
         if os.read(rfd, 1) != b"x":
@@ -56,15 +57,21 @@ def lane_run(
         theirs = text(other, lane, trial)
         if got is None:
             marks.append("W")
-            expected = mine
         else:
             # A loser at the link was handed the winner's text; a loser at
             # the exclusive temp file may have read before the winner
             # published, and was handed the text both had read.
             marks.append("L" if got == theirs else "E" if got == (expected or "") else "X")
-            # The other writer won (or both lost, which the test reports as
-            # LL/EE/LE and the next trial would show again).
-            expected = theirs
+        # Both are done with this trial: the next starts from what was published
+        # (the winner's text, or the old one if both lost).
+        os.write(wfd, b"y")
+        if os.read(rfd, 1) != b"y":
+            raise RuntimeError("barrier broken")
+        try:
+            with open(info) as f:
+                expected = f.read()
+        except FileNotFoundError:
+            expected = None  # both lost the first trial
     out[lane] = "".join(marks)
 
 
