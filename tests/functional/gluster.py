@@ -28,9 +28,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+
+import pytest
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -225,3 +228,20 @@ class GlusterVolume:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.glusterd.wait(timeout=5)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def started_volume() -> Iterator[GlusterVolume]:
+    """A started test volume in a fresh /var/tmp directory, cleaned up on the way out.
+
+    The tests' module fixtures all want this; GlusterFS missing is a failure,
+    not a skip (the test command installs it).
+    """
+    if not available():
+        pytest.fail("GlusterFS is not installed: run tools/bootstrap.sh --test")
+    volume = GlusterVolume(tempfile.mkdtemp(prefix="rfsaa-gl-", dir="/var/tmp"))
+    try:
+        volume.start()
+        yield volume
+    finally:
+        volume.cleanup()

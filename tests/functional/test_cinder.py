@@ -19,7 +19,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -44,15 +43,8 @@ def cinder():
 
 @pytest.fixture(scope="module")
 def gl():
-    if not gluster.available():
-        pytest.fail("GlusterFS is not installed: run tools/bootstrap.sh --test")
-    work = tempfile.mkdtemp(prefix="rfsaa-gl-", dir="/var/tmp")
-    volume = gluster.GlusterVolume(work)
-    try:
-        volume.start()
+    with gluster.started_volume() as volume:
         yield volume
-    finally:
-        volume.cleanup()
 
 
 def unmount_under(directory: str) -> None:

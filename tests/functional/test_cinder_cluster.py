@@ -40,7 +40,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -67,15 +66,8 @@ def cinder():
 
 @pytest.fixture(scope="module")
 def gl():
-    if not gluster.available():
-        pytest.fail("GlusterFS is not installed: run tools/bootstrap.sh --test")
-    work = tempfile.mkdtemp(prefix="rfsaa-gl-", dir="/var/tmp")
-    volume = gluster.GlusterVolume(work)
-    try:
-        volume.start()
+    with gluster.started_volume() as volume:
         yield volume
-    finally:
-        volume.cleanup()
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,6 @@ import os
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 
 import pytest
@@ -30,16 +29,9 @@ pytestmark = pytest.mark.functional
 
 @pytest.fixture(scope="module")
 def gl():
-    if not gluster.available():
-        pytest.fail("GlusterFS is not installed: run tools/bootstrap.sh --test")
-    work = tempfile.mkdtemp(prefix="rfsaa-gl-", dir="/var/tmp")
-    volume = gluster.GlusterVolume(work)
-    try:
-        volume.start()
-        volume.mount(os.path.join(work, "mnt"))
+    with gluster.started_volume() as volume:
+        volume.mount(os.path.join(volume.workdir, "mnt"))
         yield volume
-    finally:
-        volume.cleanup()
 
 
 @pytest.fixture(scope="module")
