@@ -45,6 +45,14 @@ _MYSQL_LOCK_TIMEOUT = {1205, 3024}
 _MYSQL_DISCONNECT = {2002, 2003, 2006, 2013, 2014, 2055, 1047, 1053, 1927, 4031}
 
 
+#: The rows the workers change, alike in both dialects.
+_VOLUMES = (
+    "id VARCHAR(40) PRIMARY KEY, kind VARCHAR(12) NOT NULL, status VARCHAR(12) NOT NULL, "
+    "holder VARCHAR(40) NOT NULL DEFAULT '', count INT NOT NULL DEFAULT 0, "
+    "gen BIGINT NOT NULL DEFAULT 0, note VARCHAR(40) NOT NULL DEFAULT ''"
+)
+
+
 class Dialect:
     name = "abstract"
 
@@ -102,15 +110,7 @@ class MySQL(Dialect):
         return [
             "DROP TABLE IF EXISTS volumes",
             "DROP TABLE IF EXISTS history",
-            """CREATE TABLE volumes (
-                id VARCHAR(40) PRIMARY KEY,
-                kind VARCHAR(12) NOT NULL,
-                status VARCHAR(12) NOT NULL,
-                holder VARCHAR(40) NOT NULL DEFAULT '',
-                count INT NOT NULL DEFAULT 0,
-                gen BIGINT NOT NULL DEFAULT 0,
-                note VARCHAR(40) NOT NULL DEFAULT ''
-            ) ENGINE=InnoDB""",
+            f"CREATE TABLE volumes ({_VOLUMES}) ENGINE=InnoDB",
             """CREATE TABLE history (
                 seq BIGINT AUTO_INCREMENT PRIMARY KEY,
                 row_id VARCHAR(40) NOT NULL,
@@ -179,15 +179,7 @@ class PostgreSQL(Dialect):
         return [
             "DROP TABLE IF EXISTS volumes",
             "DROP TABLE IF EXISTS history",
-            """CREATE TABLE volumes (
-                id VARCHAR(40) PRIMARY KEY,
-                kind VARCHAR(12) NOT NULL,
-                status VARCHAR(12) NOT NULL,
-                holder VARCHAR(40) NOT NULL DEFAULT '',
-                count INT NOT NULL DEFAULT 0,
-                gen BIGINT NOT NULL DEFAULT 0,
-                note VARCHAR(40) NOT NULL DEFAULT ''
-            )""",
+            f"CREATE TABLE volumes ({_VOLUMES})",
             """CREATE TABLE history (
                 seq BIGSERIAL PRIMARY KEY,
                 row_id VARCHAR(40) NOT NULL,
