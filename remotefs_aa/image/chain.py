@@ -449,12 +449,22 @@ class Chain:
             "files"
         ]
 
-    def trusted_chain(self, state: ChainState, top: str | None = None) -> list[Link]:
+    def trusted_chain(
+        self, state: ChainState, top: str | None = None, share_size: bool = False
+    ) -> list[Link]:
         """Headers of ``top`` (default: active) down to the base, each one checked.
 
         The backing names must be this volume's own files, known to the .info
         file (or the base), so an overlay pointing at another volume, at
         ``/etc/shadow`` or at ``../x`` is refused before qemu-img opens it.
+
+        No image may be larger than the size the caller gave. With
+        ``share_size`` (for an operation whose result does not depend on the
+        size, such as a snapshot delete) an active image larger than that is
+        taken as the volume's size instead: under Active-Active the caller's
+        size can lag behind an extend another host finished just before this
+        one took the lock (Cinder records the new size only after the
+        extending host released it). Images below the active must still fit.
         """
         top = top or state.active
         known = {self.base, state.active, *state.snapshots.values()}
@@ -477,6 +487,17 @@ class Chain:
             raise exception.InvalidImage(
                 self.path(top), "the image is missing (named by the .info file)"
             ) from None
+        limit = self.size_bytes
+        if share_size and headers and limit and headers[0]["virtual_size"] > limit:
+            limit = headers[0]["virtual_size"]
+            LOG.info(
+                "volume %s: its active image %s is %d bytes, larger than the %d bytes the "
+                "caller gave (an extend finished meanwhile); the share's size holds",
+                self.volume_id,
+                top,
+                limit,
+                self.size_bytes,
+            )
         links: list[Link] = []
         expected = top
         for header in headers:
@@ -493,11 +514,10 @@ class Chain:
                 )
             if header.get("encrypted"):
                 raise exception.InvalidImage(self.path(name), "it is encrypted")
-            if header["virtual_size"] > self.size_bytes and self.size_bytes:
+            if header["virtual_size"] > limit and limit:
                 raise exception.InvalidImage(
                     self.path(name),
-                    f"virtual size {header['virtual_size']} exceeds the volume size "
-                    f"{self.size_bytes}",
+                    f"virtual size {header['virtual_size']} exceeds the volume size {limit}",
                 )
             backing = None if (is_base and fmt == "raw") else header.get("backing_file")
             if is_base and backing:
@@ -842,7 +862,7 @@ class Chain:
             LOG.info("snapshot %s of volume %s: already gone", snapshot_id, self.volume_id)
             return dataclasses.replace(state, not_found=True)
         target = state.snapshots[snapshot_id]
-        links = self.trusted_chain(state)
+        links = self.trusted_chain(state, share_size=True)
         names = [link.name for link in links]
         if target not in names:
             raise exception.InvalidInfoFile(

@@ -763,12 +763,17 @@ def _one_op(host, rng, op: str, args) -> None:
         except Refused:
             raise
         except Exception as exc:
-            _raced_or_fail(host, vol, f"snapshot of {vol.id}: {type(exc).__name__}: {exc}")
-            raise Raced(f"volume {vol.id} was deleted under its new snapshot: {exc}") from None
+            # vol.size is what the API checked (Host.snapshot refreshed it): an
+            # extend claimed right after that check grows the volume under the
+            # snapshot, which the driver must refuse (its overlay would be smaller).
+            _raced_or_fail(
+                host, vol, f"snapshot of {vol.id}: {type(exc).__name__}: {exc}", vol.size
+            )
+            raise Raced(f"volume {vol.id} was deleted or grew under its snapshot: {exc}") from None
         if snap.status != "available":
-            _raced_or_fail(host, vol, f"snapshot {snap.id} of {vol.id} is {snap.status}")
+            _raced_or_fail(host, vol, f"snapshot {snap.id} of {vol.id} is {snap.status}", vol.size)
             host.delete_snapshot(snap)  # what a user does with an error snapshot
-            raise Raced(f"volume {vol.id} was deleted under its new snapshot")
+            raise Raced(f"volume {vol.id} was deleted or grew under its new snapshot")
         snap.metadata = {"pattern": pattern}
         snap.save()
     elif op == "delete_snapshot":

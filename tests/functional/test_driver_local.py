@@ -145,6 +145,36 @@ def test_external_data_file_and_oversized_image_are_refused(raw_driver, tmp_path
         raw_driver.create_snapshot(Snapshot(vol))
 
 
+def test_snapshot_delete_with_a_size_from_before_an_extend_succeeds(raw_driver):
+    """Another host extended the volume after this caller read its size (CI saw it in Cinder).
+
+    Cinder records the new size only after the extending host released the
+    volume's lock, so the next holder can be handed the old one. A snapshot
+    delete does not depend on the size: it merges and keeps the share's size.
+    A snapshot create with that stale size is still refused (its overlay
+    would be smaller than the volume), losing nothing.
+    """
+    vol = v.new_volume(raw_driver)
+    first, second = Snapshot(vol), Snapshot(vol)
+    v.write(raw_driver, vol, 0, 0x11)
+    raw_driver.create_snapshot(first)
+    v.write(raw_driver, vol, 0, 0x22)
+    raw_driver.create_snapshot(second)
+    v.write(raw_driver, vol, 1, 0x33)
+    stale = Volume(id=vol.id, size=vol.size, provider_location=vol.provider_location)
+    raw_driver.extend_volume(vol, 2)
+    vol.size = 2
+    with pytest.raises(exception.InvalidImage, match="exceeds the volume size"):
+        raw_driver.create_snapshot(Snapshot(stale))
+    assert raw_driver.delete_snapshot(Snapshot(stale, id=first.id)) is True
+    v.assert_intact(raw_driver, vol)
+    assert v.snap_is(raw_driver, second, 0, 0x22)
+    assert v.active_is(raw_driver, vol, 0, 0x22) and v.active_is(raw_driver, vol, 1, 0x33)
+    assert raw_driver.chain(vol).trusted_chain(raw_driver.chain(vol).load())[0].virtual_size == (
+        2 * GiB
+    )
+
+
 def test_raw_volume_with_a_fake_qcow2_header_is_never_probed(raw_driver):
     """A guest writes a qcow2 header pointing at /etc/shadow into its raw volume."""
     vol = v.new_volume(raw_driver)
