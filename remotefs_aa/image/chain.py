@@ -947,6 +947,9 @@ class Chain:
             "backing": links[1].name,
             "backing_format": links[1].format,
             "tmp": f".{overlay}.revert",
+            # The holder that finishes an interrupted revert may have been
+            # handed an older size: the new overlay keeps the one checked here.
+            "size": self.size_bytes,
         }
         state = self.save(state, label=f"intent revert {snapshot_id}", intent=intent)
         return self._finish_revert(state, intent)
@@ -955,7 +958,10 @@ class Chain:
         overlay = self._checked_name(intent["file"])
         tmp = self.path(f".{overlay}.revert")
         backing = self._checked_name(intent["backing"])
-        self.io.create(tmp, "qcow2", self.size_bytes, backing, intent["backing_format"], self.mode)
+        size = intent.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            size = self.size_bytes  # an intent written before the size was recorded
+        self.io.create(tmp, "qcow2", size, backing, intent["backing_format"], self.mode)
         state = self._claim(state, intent, "rename")
         self.io.rename(tmp, self.path(overlay))
         return self.save(state, label=f"revert {intent['snapshot']}", intent=None)
