@@ -504,36 +504,38 @@ def summarise(out: dict) -> dict:
     return summary
 
 
+#: How a row's ``met`` reads in the report (None: no goal for that row).
+VERDICT = {True: "goal met", False: "goal missed", None: ""}
+
+
 def _ms(x: float) -> str:
     return "-" if x != x else (f"{x:.1f}" if x < 1000 else f"{x:,.0f}")
+
+
+def _ratio_table(
+    section: dict, sizes: tuple[int, ...], column: str, ratio: str, goal: float
+) -> list[str]:
+    """One row per operation: median / p90 at each size, the ratio and whether it met ``goal``."""
+    headers = ["operation", *(column.format(n) for n in sizes), ratio, f"<= {goal}x"]
+    rows = []
+    for op, row in section.items():
+        cells = [
+            f"{_ms(row['stats'][str(n)]['median'])} / {_ms(row['stats'][str(n)]['p90'])}"
+            for n in sizes
+        ]
+        rows.append([op, *cells, f"{row['ratio']:.2f}x", VERDICT[row["met"]]])
+    return [render_table(headers, rows, right=set(range(1, len(sizes) + 2))), ""]
 
 
 def report(out: dict) -> str:
     summary, meta = out["summary"], out["meta"]
     lines = ["", *machine_header(meta), ""]
-    verdict = {True: "goal met", False: "goal missed", None: ""}
     if "share" in summary:
         lines.append("Share size: ms per operation (median / p90), ratio of medians 5,000 : 10")
-        headers = ["operation"] + [f"{n} vols" for n in SHARE_SIZES] + ["x 10", f"<= {GOAL_SHARE}x"]
-        rows = []
-        for op, row in summary["share"].items():
-            cells = [
-                f"{_ms(row['stats'][str(n)]['median'])} / {_ms(row['stats'][str(n)]['p90'])}"
-                for n in SHARE_SIZES
-            ]
-            rows.append([op, *cells, f"{row['ratio']:.2f}x", verdict[row["met"]]])
-        lines += [render_table(headers, rows, right={1, 2, 3, 4}), ""]
+        lines += _ratio_table(summary["share"], SHARE_SIZES, "{} vols", "x 10", GOAL_SHARE)
     if "depth" in summary:
         lines.append("Chain depth: ms per operation (median / p90), ratio of medians 128 : 1")
-        headers = ["operation"] + [f"depth {n}" for n in DEPTHS] + ["x 1", f"<= {GOAL_DEPTH}x"]
-        rows = []
-        for op, row in summary["depth"].items():
-            cells = [
-                f"{_ms(row['stats'][str(n)]['median'])} / {_ms(row['stats'][str(n)]['p90'])}"
-                for n in DEPTHS
-            ]
-            rows.append([op, *cells, f"{row['ratio']:.2f}x", verdict[row["met"]]])
-        lines += [render_table(headers, rows, right={1, 2, 3, 4, 5}), ""]
+        lines += _ratio_table(summary["depth"], DEPTHS, "depth {}", "x 1", GOAL_DEPTH)
     if "data" in summary:
         lines.append(
             "Data per layer (base + 1 overlay): ms (median / p90) and MB/s of data moved; "
@@ -549,7 +551,7 @@ def report(out: dict) -> str:
                 med = row["stats"][v]["median"]
                 rate = f" ({moved / (med / 1000):,.0f} MB/s)" if moved and med == med else ""
                 cells.append(f"{_ms(med)} / {_ms(row['stats'][v]['p90'])}{rate}")
-            rows.append([mib, *cells, f"{row['ratio']:.2f}x", verdict[row["met"]]])
+            rows.append([mib, *cells, f"{row['ratio']:.2f}x", VERDICT[row["met"]]])
         lines += [render_table(headers, rows, right=set(range(1, len(headers) - 1))), ""]
     if "parallel" in summary:
         lines.append(

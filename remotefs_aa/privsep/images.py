@@ -51,6 +51,10 @@ _VISIBLE = re.compile(rf"^volume-(?P<vol>{ID_PATTERN})(?:\.(?P<snap>{ID_PATTERN}
 _HIDDEN = re.compile(
     rf"^\.volume-(?P<vol>{ID_PATTERN})(?:\.tmp|\.(?P<snap>{ID_PATTERN})\.revert)\Z"
 )
+#: Any name of volume ``vol``: its images (``volume-<id>[.<snap>]``, the
+#: ``.info``) and its hidden bookkeeping (``.volume-<id>.<anything>``); what a
+#: share scan groups by volume.
+ANY_OF_VOLUME = re.compile(rf"^\.?volume-(?P<vol>{ID_PATTERN})(?:\.|\Z)")
 
 #: Longer chains are refused: a loop or a hostile image, not a real volume.
 MAX_CHAIN_DEPTH = 512

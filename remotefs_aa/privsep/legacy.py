@@ -17,9 +17,10 @@ import errno
 import json
 import os
 import secrets
+from collections.abc import Collection
 
 from remotefs_aa import exception
-from remotefs_aa.privsep import confine, runner, settings
+from remotefs_aa.privsep import confine, images, runner, settings
 
 #: Logged once at start-up in the rootwrap modes.
 WARNING = (
@@ -264,39 +265,36 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool) -> 
     listing = {
         n: 0 for n in list_directory(folder) if n.startswith(base) or n.startswith(f".{base}")
     }
-    text = None
-    if base + ".info" in listing:
-        try:
-            text = read_file(os.path.join(folder, base + ".info"), 1024 * 1024)
-        except FileNotFoundError:
-            text = None
     return {
-        "info": text,
+        "info": _read_info(folder, base, listing),
         "deleting": f".{base}.deleting" in listing,
         "files": listing,
         "chain": None,  # the caller walks it (one qemu-img info)
     }
 
 
+def _read_info(folder: str, base: str, names: Collection[str]) -> str | None:
+    """``<base>.info``'s text, if the listing ``names`` has it and it is still there."""
+    if base + ".info" not in names:
+        return None
+    try:
+        return read_file(os.path.join(folder, base + ".info"), 1024 * 1024)
+    except FileNotFoundError:
+        return None
+
+
 def share_scan(directory: str, default_format: str) -> dict:
     """The rootwrap modes' share scan: one listing, then each volume's .info and active image."""
-    import re
-
     folder = _path(directory, "directory")
     grouped: dict[str, list[str]] = {}
     for name in list_directory(folder):
-        match = re.match(r"^\.?volume-([A-Za-z0-9][A-Za-z0-9_-]{0,127})(?:\.|$)", name)
+        match = images.ANY_OF_VOLUME.match(name)
         if match:
-            grouped.setdefault(match.group(1), []).append(name)
+            grouped.setdefault(match["vol"], []).append(name)
     volumes = {}
     for vid, names in grouped.items():
         base = f"volume-{vid}"
-        text = None
-        if base + ".info" in names:
-            try:
-                text = read_file(os.path.join(folder, base + ".info"), 1024 * 1024)
-            except FileNotFoundError:
-                text = None
+        text = _read_info(folder, base, names)
         size, active, fmt = None, base, default_format
         if text is not None:
             try:

@@ -25,7 +25,6 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import struct
 import threading
 from collections.abc import Iterator
@@ -672,11 +671,6 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool = Tr
     return {"info": text, "deleting": deleting in found, "files": found, "chain": chain}
 
 
-#: Any name of volume ``vol``: its images (``volume-<id>[.<snap>]``, the
-#: ``.info``) and its hidden bookkeeping (``.volume-<id>.<anything>``).
-_ANY_OF_VOLUME = re.compile(rf"^\.?volume-(?P<vol>{images.ID_PATTERN})(?:\.|\Z)")
-
-
 @entrypoint(file_pctxt)
 def share_scan(directory: str, default_format: str) -> dict:
     """One pass over a share: what stats, ``volume list`` and the leftover sweep need.
@@ -703,7 +697,7 @@ def share_scan(directory: str, default_format: str) -> dict:
         by_volume: dict[str, list[str]] = {}
         with os.scandir(dirfd) as entries:
             for entry in entries:
-                match = _ANY_OF_VOLUME.match(entry.name)
+                match = images.ANY_OF_VOLUME.match(entry.name)
                 if match is None:
                     continue
                 try:

@@ -207,10 +207,8 @@ class Host:
             vol.refresh()
         return vol
 
-    def snapshot(self, vol):
-        vol.refresh()
-        if vol.status != "available":  # the API's check (it has no claim here)
-            raise Refused(f"volume {vol.id} is {vol.status}")
+    def snapshot_row(self, vol):
+        """The snapshot row the API creates (status creating) before it casts."""
         snap = objects.Snapshot(
             context=self.ctxt,
             volume_id=vol.id,
@@ -221,6 +219,13 @@ class Host:
             volume_type_id=vol.volume_type_id,
         )
         snap.create()
+        return snap
+
+    def snapshot(self, vol):
+        vol.refresh()
+        if vol.status != "available":  # the API's check (it has no claim here)
+            raise Refused(f"volume {vol.id} is {vol.status}")
+        snap = self.snapshot_row(vol)
         snap.create_worker()  # the volume rpcapi does, when it casts
         self.mgr.create_snapshot(self.ctxt, snap)
         snap.refresh()
@@ -503,16 +508,7 @@ def scenario_single(args) -> dict:
         # What attach leaves in the database; the API allows a forced snapshot then.
         guest.update({"status": "in-use", "attach_status": "attached"})
         guest.save()
-        snap = objects.Snapshot(
-            context=host.ctxt,
-            volume_id=guest.id,
-            status=fields.SnapshotStatus.CREATING,
-            volume_size=guest.size,
-            project_id=PROJECT,
-            user_id=USER,
-            volume_type_id=guest.volume_type_id,
-        )
-        snap.create()
+        snap = host.snapshot_row(guest)
         with contextlib.suppress(Exception):
             host.mgr.create_snapshot(host.ctxt, snap)
         snap.refresh()
