@@ -79,6 +79,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from remotefs_aa import exception, history
+from remotefs_aa.history import MAX_REGIONS, REGION, pattern_of
 from remotefs_aa.image.chain import GiB
 from remotefs_aa.objects import Volume
 
@@ -401,8 +402,6 @@ class Model:
         self.image: Content = {}
         for r in records:
             if r.get("event") == "note" and r.get("kind") == "image":
-                from remotefs_aa.workload import pattern_of
-
                 self.image = {x: (PRESENT, pattern_of(x)) for x in r.get("regions", [])}
         for r in unfinished:
             self.problems.append(
@@ -632,8 +631,6 @@ def compare_bytes(path: str, expected: Content, size: int) -> tuple[list[str], d
     Holes read as zeros (SEEK_DATA/SEEK_HOLE), so every byte of the image is
     judged while only the allocated ranges are read.
     """
-    from remotefs_aa.workload import REGION
-
     pattern_bytes: dict[int, int] = {}
     wrong: dict[int, int] = {}
     fd = os.open(path, os.O_RDONLY)
@@ -710,7 +707,6 @@ def _view_problems(
 ) -> tuple[list[str], dict]:
     """Flatten one view, compare every byte, and read one region with qemu-io too."""
     from remotefs_aa.privsep import qemu
-    from remotefs_aa.workload import MAX_REGIONS, REGION
 
     flat = _flatten(driver, share, src, fmt)
     try:

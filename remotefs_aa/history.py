@@ -74,6 +74,19 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from oslo_utils import units
+
+#: One guest write of the workload: one qcow2 cluster, so a write allocates exactly one.
+REGION = 64 * 1024
+#: Regions of the smallest volume (1 GiB): writes stay below, so every view has them.
+MAX_REGIONS = units.Gi // REGION
+
+
+def pattern_of(region: int) -> int:
+    """The byte a region is filled with (never 0: zeros mean "not written")."""
+    return 1 + (region * 113) % 255
+
+
 #: Where the facts come from: the driver, the chain module, the lock guard.
 DRIVER_LOGGERS = "remotefs_aa.drivers"
 CHAIN_LOGGER = "remotefs_aa.image.chain"

@@ -79,21 +79,16 @@ from collections.abc import Callable
 from typing import Any
 
 from remotefs_aa import history
-from remotefs_aa.history import Outcome, Recorder
-from remotefs_aa.image.chain import GiB
+from remotefs_aa.history import MAX_REGIONS, REGION, Outcome, Recorder, pattern_of
 from remotefs_aa.image.store import DirectoryImageService
 from remotefs_aa.objects import Snapshot, Volume
 
 LOG = logging.getLogger(__name__)
 
-#: One guest write: one qcow2 cluster, so a write allocates exactly one.
-REGION = 64 * 1024
 #: Regions below this are written by ``prepare`` (the shared volumes, the image).
-RESERVED_REGIONS = 1024
-#: Regions of the smallest volume (1 GiB): writes stay below, so every view has them.
 #: Each worker of ``n`` gets (MAX_REGIONS - RESERVED_REGIONS) / n writes; then its
 #: guest stops writing (the operations go on).
-MAX_REGIONS = GiB // REGION
+RESERVED_REGIONS = 1024
 IMAGE_REGIONS = 3
 #: Shared volumes ``prepare`` can make: one reserved region each, besides the image's.
 MAX_SHARED = RESERVED_REGIONS - IMAGE_REGIONS
@@ -119,11 +114,6 @@ MAX_DERIVED = 6
 DERIVED_SHARE = 0.3
 #: Pauses before retrying a step a guest's image lock refused.
 RETRY_PAUSES = (0.02, 0.05, 0.1, 0.2, 0.4)
-
-
-def pattern_of(region: int) -> int:
-    """The byte a region is filled with (never 0: zeros mean "not written")."""
-    return 1 + (region * 113) % 255
 
 
 class Workspace:
