@@ -78,16 +78,9 @@ from typing import Any, Protocol
 
 from remotefs_aa import exception
 from remotefs_aa.privsep import images
+from remotefs_aa.privsep.files import KEEP_CLAIMS, claim_name, info_tmp_name
 
 LOG = logging.getLogger(__name__)
-
-#: Generation claims the daemon keeps per volume (``files.KEEP_CLAIMS``).
-KEEP_CLAIMS = 16
-
-
-def files_info_tmp(base: str, generation: int) -> str:
-    """The temp name an ``.info`` of ``generation`` is written to (``files.info_tmp_name``)."""
-    return f".{base}.info.tmp-{generation}"
 
 
 GiB = 1024**3
@@ -624,7 +617,7 @@ class Chain:
         makes it lose); it would make this operation's publish lose, so it goes.
         """
         state = self.load()
-        tmp = files_info_tmp(self.base, state.generation + 1)
+        tmp = info_tmp_name(self.base, state.generation + 1)
         if tmp in self._found(state):
             LOG.warning(
                 "volume %s: removing %s left by an interrupted publish", self.volume_id, tmp
@@ -1024,10 +1017,10 @@ class Chain:
         names += [
             self.tmp_name,
             self.base + ".info",
-            files_info_tmp(self.base, state.generation + 1),
+            info_tmp_name(self.base, state.generation + 1),
         ]
         first = max(1, state.generation - KEEP_CLAIMS + 1)
-        names += [f".{self.base}.gen.{g}" for g in range(first, state.generation + 2)]
+        names += [claim_name(self.base, g) for g in range(first, state.generation + 2)]
         order: list[str] = []
         for name in [*names, self.base, marker]:
             if name not in order and (

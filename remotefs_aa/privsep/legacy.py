@@ -299,10 +299,14 @@ def share_scan(directory: str, default_format: str) -> dict:
         if text is not None:
             try:
                 data = json.loads(text)
-                active, fmt = str(data.get("active")), data.get("format", default_format)
+                active = str(data.get("active"))
+                if data.get("format") in images.FORMATS:
+                    fmt = data["format"]
             except (ValueError, AttributeError):
                 active = ""
-        if active in names:
+        # As the daemon's own scan: only one of the volume's image names, never
+        # a hidden file (a temp copy holding a tenant's bytes) the .info names.
+        if active in names and images.backing_allowed(vid, active):
             top_fmt = fmt if active == base else "qcow2"
             try:
                 size = image_chain(os.path.join(folder, active), top_fmt)[0]["virtual_size"]

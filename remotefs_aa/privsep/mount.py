@@ -68,7 +68,7 @@ ALLOWED_OPTIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 _VALUE = re.compile(r"^[A-Za-z0-9_.:@%+-]{1,255}\Z")
 # host:/export or host:/volume (a bracketed IPv6 host too); never a local path.
 _REMOTE = re.compile(
-    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*):/?[A-Za-z0-9_.+@%-][A-Za-z0-9_./+@%-]*$"
+    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*):/?[A-Za-z0-9_.+@%-][A-Za-z0-9_./+@%-]*\Z"
 )
 
 

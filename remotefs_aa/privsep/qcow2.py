@@ -392,7 +392,7 @@ def read_header_fd(fd: int, path: str = "<image>", st: os.stat_result | None = N
 
 def _pread_full(fd: int, want: int) -> bytes:
     """``want`` bytes from offset 0 (fewer only at the end of the file)."""
-    data = os.pread(fd, READ_LIMIT, 0) if want >= READ_LIMIT else os.pread(fd, want, 0)
+    data = os.pread(fd, want, 0)
     # A regular file returns short reads only at EOF, or rarely (signals,
     # some network file systems); finish the read then.
     while len(data) < want:

@@ -623,10 +623,9 @@ def volume_state(directory: str, base: str, default_format: str, walk: bool = Tr
     )
     try:
         found: dict[str, int] = {}
-        try:
-            text = files.effective_info(dirfd, base)
-        except exception.PrivilegedArgumentRefused:
-            text = None  # a link or a non-file where .info should be: reported as no .info
+        # A link or a non-file where the .info or a claim should be is refused,
+        # never read as "no .info": that would show the volume as its bare base.
+        text = files.effective_info(dirfd, base)
         active: str | None = base
         fmt = default_format
         named: list[object] = []
@@ -694,18 +693,13 @@ def share_scan(directory: str, default_format: str) -> dict:
         directory, settings().allowed_paths, "directory", confine.DIR_FLAGS, allow_base=True
     )
     try:
+        from remotefs_aa.privsep import files
+
         by_volume: dict[str, list[str]] = {}
-        with os.scandir(dirfd) as entries:
-            for entry in entries:
-                match = images.ANY_OF_VOLUME.match(entry.name)
-                if match is None:
-                    continue
-                try:
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                except FileNotFoundError:
-                    continue  # removed (by another volume's operation) while we listed
-                by_volume.setdefault(match["vol"], []).append(entry.name)
+        for name in files.scan_fd(dirfd, ("volume-", ".volume-"), sizes=False):
+            match = images.ANY_OF_VOLUME.match(name)
+            if match is not None:
+                by_volume.setdefault(match["vol"], []).append(name)
         volumes = {}
         for vid, names in by_volume.items():
             volumes[vid] = _scan_volume(dirfd, directory, vid, names, fmt_default)

@@ -18,7 +18,7 @@ import os
 import pytest
 from oslo_config import cfg
 
-from remotefs_aa import opts, privsep
+from remotefs_aa import exception, opts, privsep
 from remotefs_aa.image.chain import Chain, InProcessIO, _Bodies
 from remotefs_aa.privsep import files
 
@@ -76,3 +76,24 @@ def test_a_publisher_whose_temp_file_was_removed_publishes_nothing(tmp_path, con
     assert not (tmp_path / ".volume-p.gen.2").exists()
     assert (tmp_path / "volume-p.info").read_text() == _text(1)
     assert tmp.read_text() == "half of someone else's"  # theirs: neither published nor removed
+
+
+@pytest.mark.parametrize("where", ["claim", "info"])
+def test_a_non_file_claim_or_info_is_refused_never_read_as_no_info(tmp_path, conf, where):
+    """A FIFO or a link where a claim or the .info stands must not hide the chain.
+
+    Read as "no .info", the volume would look like its bare base: a clone or
+    an upload would read old data, a delete would leave the overlays behind.
+    """
+    chain = Chain(InProcessIO(conf), str(tmp_path), "p", 1, "qcow2")
+    chain.create_base("qcow2", "thin")
+    chain.create_snapshot("s1")
+    state = chain.load()
+    if where == "claim":
+        os.mkfifo(tmp_path / f".volume-p.gen.{state.generation + 1}")
+    else:
+        os.rename(tmp_path / "volume-p.info", tmp_path / "elsewhere.info")
+        os.symlink(tmp_path / "elsewhere.info", tmp_path / "volume-p.info")
+    again = Chain(InProcessIO(conf), str(tmp_path), "p", 1, "qcow2")
+    with pytest.raises(exception.PrivilegedArgumentRefused, match="not a regular file|link"):
+        again.load()

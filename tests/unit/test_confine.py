@@ -130,7 +130,7 @@ def test_good_shares(good):
 @pytest.mark.parametrize(
     "bad",
     ["-o exec host:/x", "host:/x -o y", "host:/a/../b", "", "host:/x;rm", "--bind", "/srv/x",
-     "/etc/glusterfs/vol.vol"],
+     "/etc/glusterfs/vol.vol", "host:/export\n"],
 )  # fmt: skip
 def test_bad_shares(bad):
     with pytest.raises(Refused):
