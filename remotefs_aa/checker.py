@@ -69,12 +69,10 @@ What is compared
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import errno
 import itertools
 import os
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -692,12 +690,11 @@ def compare_bytes(path: str, expected: Content, size: int) -> tuple[list[str], d
 
 
 def _flatten(driver: Any, share: str, src: str, fmt: str) -> str:
-    """A flat raw copy of the image chain at ``src``, made by the privileged daemon."""
-    directory = os.path.realpath(driver.conf.image_conversion_dir)
-    os.makedirs(directory, 0o750, exist_ok=True)
-    # The daemon writes only names of its grammar there; this is the one
-    # copy_volume_to_image uses for the same thing (a flat copy to read).
-    dst = os.path.join(directory, f"upload-verify.{os.getpid()}.{time.monotonic_ns()}")
+    """A flat raw copy of the image chain at ``src``, made by the privileged daemon.
+
+    Where and as what copy_volume_to_image makes its flat copy to read.
+    """
+    dst = driver.conversion_file("upload-verify")
     driver.io_for(share).convert(src, fmt, dst, "raw", True, 0o600)
     return dst
 
@@ -715,8 +712,7 @@ def _view_problems(
         want = actual_size if actual_size in {s * GiB for s in allowed} else max(allowed) * GiB
         problems, counts = compare_bytes(flat, expected, want)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(flat)
+        driver.remove_conversion_file(flat)
     present = [r for r, (s, _p) in expected.items() if s == PRESENT]
     region = max(present) if present else MAX_REGIONS - 1
     pattern = expected[region][1] if present else 0

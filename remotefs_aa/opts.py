@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from urllib import parse
 
 from oslo_config import cfg
+from oslo_utils import units
 
 from remotefs_aa import exception
 
@@ -418,8 +419,7 @@ def effective_over_subscription_ratio(
         return float(ratio)
     if not provisioned:
         return AUTO_RATIO_WHEN_EMPTY
-    gib = 1024**3
-    return 1.0 + provisioned / (max(0.0, total - free) + gib)
+    return 1.0 + provisioned / (max(0.0, total - free) + units.Gi)
 
 
 SECURE_VALUES = ("true", "false", "auto")
@@ -451,11 +451,7 @@ def config_file_args(conf: cfg.ConfigOpts) -> list[str]:
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
     """Options by group, for oslo-config-generator (privsep sections included)."""
-    return [
-        ("DEFAULT", [*core_opts, *driver_opts, *local_driver_opts, *nas_driver_opts]),
-        (COORDINATION_GROUP, list(coordination_opts)),
-        (PRIVILEGED_GROUP, list(privileged_opts)),
-    ]
+    return [("DEFAULT", [*core_opts, *backend_opts()]), *service_group_opts()]
 
 
 def list_all_opts() -> list[tuple[str | None, list[cfg.Opt]]]:

@@ -486,7 +486,6 @@ def run_worker(
         "refused": worker.refused,
         "errors": worker.errors,
         "writes": worker.writes,
-        "lock_wait_median_s": waits[len(waits) // 2] if waits else 0.0,
         "lock_wait_max_s": waits[-1] if waits else 0.0,
         "history": rec.path,
     }

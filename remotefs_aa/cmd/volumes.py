@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from oslo_config import cfg
+from oslo_utils import units
 
 from remotefs_aa import coordination, exception, opts, service, workload
 from remotefs_aa.cmd.tables import key_values, table
@@ -657,7 +658,7 @@ def cmd_demo(conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         print(
             f"verified against the history: {c['volumes']} volumes ({c['chain_links']} chain "
             f"links, qemu-img check on every overlay), {c['snapshots']} snapshots and "
-            f"{c['derived']} derived volumes, every byte ({c['bytes'] / 2**30:.0f} GiB) "
+            f"{c['derived']} derived volumes, every byte ({c['bytes'] / units.Gi:.0f} GiB) "
             f"flattened and read back: {c['regions']} written regions exact, {c['ambiguous']} "
             f"either way (written during a chain change)"
         )

@@ -421,10 +421,6 @@ class CinderDriver:
                 return found
         return super().fetch_image(context, image_service, image_id, path)  # type: ignore[misc]
 
-    def clean_snapshot_file_locks(self, snapshot_id: str) -> None:
-        """Snapshots are locked through their volume: nothing of theirs to remove."""
-        return None
-
 
 def _refuse_attached(volume: Any, what: str) -> None:
     """Refuse a chain change under a running guest (Cinder allows some with ``force``).

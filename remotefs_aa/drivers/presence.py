@@ -217,6 +217,10 @@ class Presence:
     def leave(self) -> None:
         """Remove this service's records and give up its presence lock."""
         self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            # A refresh taking the lock back right now would hold it after us.
+            thread.join(2 * WATCH_INTERVAL)
         for folder in self._shares.values():
             with contextlib.suppress(Exception):
                 self.io.unlink(os.path.join(folder, self.record_name()))

@@ -42,7 +42,6 @@ from remotefs_aa.objects import Volume
 LOG = logging.getLogger(__name__)
 
 VERSION = VolumeDriver.VERSION
-_BASE_RE = re.compile(r"^volume-([A-Za-z0-9][A-Za-z0-9_-]*)$")
 _LEFTOVER = re.compile(
     r"^\.volume-(?P<vol>[A-Za-z0-9][A-Za-z0-9_-]{0,127})\.(?:tmp|info\.tmp-[0-9a-f]+)\Z"
 )
@@ -525,7 +524,7 @@ class RemoteFSDriver(VolumeDriver):
         keyword) asks for every block to be allocated.
         """
         meta = image_service.show(context, image_id)
-        path = self._conversion_file(f"image-{volume.id}")
+        path = self.conversion_file(f"image-{volume.id}")
         started = time.monotonic()
         try:
             source = self.fetch_image(context, image_service, image_id, path)
@@ -533,7 +532,7 @@ class RemoteFSDriver(VolumeDriver):
             info = self._checked_image(source, image_id, meta, volume)
             self._import_image(volume, source, info, not (self.thick or disable_sparse))
         finally:
-            self._remove_conversion_file(path)
+            self.remove_conversion_file(path)
         LOG.info(
             "volume %s: image %s (%s, %d MiB virtual) copied in: download %.1f s, convert %.1f s",
             volume.id,
@@ -618,7 +617,7 @@ class RemoteFSDriver(VolumeDriver):
             raise exception.VolumeError(
                 f"cannot upload volume {volume.id} as {fmt!r}: disk_format must be raw or qcow2"
             )
-        path = self._conversion_file(f"upload-{volume.id}")
+        path = self.conversion_file(f"upload-{volume.id}")
         started = time.monotonic()
         try:
             self._export_image(volume, path, fmt)
@@ -632,7 +631,7 @@ class RemoteFSDriver(VolumeDriver):
                 }
                 image_service.update(context, image_meta["id"], meta, data=f)
         finally:
-            self._remove_conversion_file(path)
+            self.remove_conversion_file(path)
         LOG.info(
             "volume %s: uploaded as image %s (%s): convert %.1f s, upload %.1f s",
             volume.id,
@@ -650,7 +649,7 @@ class RemoteFSDriver(VolumeDriver):
         # The daemon creates the file as the service's user, for this process to upload.
         self.io_for(share).convert(chain.path(top.name), top.format, path, fmt, True, 0o600)
 
-    def _conversion_file(self, name: str) -> str:
+    def conversion_file(self, name: str) -> str:
         """A fresh file name in ``image_conversion_dir`` (created as this process)."""
         directory = os.path.realpath(self.conf.image_conversion_dir)
         if not self.daemon_may_act_in(directory):
@@ -670,7 +669,7 @@ class RemoteFSDriver(VolumeDriver):
         return path
 
     @staticmethod
-    def _remove_conversion_file(path: str) -> None:
+    def remove_conversion_file(path: str) -> None:
         # The directory is this process's own, so it may unlink whatever the
         # daemon wrote there.
         with contextlib.suppress(FileNotFoundError):
