@@ -410,6 +410,7 @@ def scenario_single(args) -> dict:
         except Exception as exc:
             refused = exc
     expect(refused is not None, "a clone smaller than its source was accepted")
+    expect("at least that large" in str(refused), f"refused for another reason: {refused!r}")
     small = objects.VolumeList.get_all(
         host.ctxt, filters={"source_volid": from_s1.id, "status": "error"}
     )
@@ -509,8 +510,12 @@ def scenario_single(args) -> dict:
         guest.update({"status": "in-use", "attach_status": "attached"})
         guest.save()
         snap = host.snapshot_row(guest)
-        with contextlib.suppress(Exception):
+        refused = None
+        try:
             host.mgr.create_snapshot(host.ctxt, snap)
+        except Exception as exc:
+            refused = exc
+        expect("needs it detached" in str(refused), f"refused for another reason: {refused!r}")
         snap.refresh()
         expect(snap.status == "error", f"snapshot of an attached volume: {snap.status}")
         overlays = [

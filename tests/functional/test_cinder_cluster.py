@@ -394,6 +394,8 @@ def _kill_one_host_mid_operation(gl, configs: list[str], server) -> None:
     # The source and every other volume and snapshot are intact, byte for byte.
     report = _run(gl, "verify", configs[1], mode="threading")
     assert report["problems"] == [], "\n".join(report["problems"][:10])
+    # The source at least, and whatever the bystanders' workload left.
+    assert report["checked"]["volumes"] >= 1, report["checked"]
 
 
 def _unmount_under(directory: str) -> None:

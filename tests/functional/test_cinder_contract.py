@@ -119,15 +119,14 @@ def test_constructed_as_cinder_does_with_no_thread_daemon_or_connection(tmp_path
         glusterfs_mount_attempts = 7
         ''')
         threads = threading.active_count()
-        children = os.listdir("/proc/self/task")
         drv = build(something_new_in_cinder_30="tolerated")
         from cinder.volume import driver as cinder_driver
-        from remotefs_aa import coordination, privsep
+        from remotefs_aa import coordination, exception, privsep
         from remotefs_aa.drivers.nfs import NfsDriver
         try:
             coordination.get_provider()
             provider_running = True
-        except Exception:
+        except exception.LockProviderNotStarted:
             provider_running = False
         opt = CONF.backend_defaults._group._opts
         print(json.dumps({{

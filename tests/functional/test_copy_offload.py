@@ -28,7 +28,7 @@ MiB = 1024 * 1024
 @pytest.fixture
 def xfs_share(tmp_path):
     if shutil.which("mkfs.xfs") is None:
-        pytest.skip("mkfs.xfs missing (apt-get install xfsprogs; tools/bootstrap.sh --test does)")
+        pytest.fail("mkfs.xfs missing (apt-get install xfsprogs; tools/bootstrap.sh --test does)")
     image = tmp_path / "xfs.img"
     with open(image, "wb") as f:
         f.truncate(1024 * MiB)

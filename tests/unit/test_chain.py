@@ -14,6 +14,7 @@ import pytest
 
 from remotefs_aa import exception
 from remotefs_aa.image import chain as ch
+from remotefs_aa.privsep import images
 
 GiB = ch.GiB
 D = "/share"
@@ -119,13 +120,11 @@ class FakeIO:
 
     def share_scan(self, directory, default_format):
         """The daemon's one pass: names grouped by volume, each .info and its active's size."""
-        import re
-
         volumes = {}
         for name in sorted(self._names()):
-            match = re.match(r"^\.?volume-([A-Za-z0-9][A-Za-z0-9_-]*)(?:\.|$)", name)
+            match = images.ANY_OF_VOLUME.match(name)  # grouped as the daemon groups them
             if match:
-                volumes.setdefault(match.group(1), []).append(name)
+                volumes.setdefault(match["vol"], []).append(name)
         out = {}
         for vid, names in volumes.items():
             base = f"volume-{vid}"
@@ -490,4 +489,3 @@ def test_privileged_io_hands_back_lists_as_lists():
     io.files = Files()
     removed = io.unlink_many("/d", [".volume-a.tmp"])
     assert removed == [".volume-a.tmp"]
-    removed += ["volume-a.orphan"]

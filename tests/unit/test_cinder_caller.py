@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -44,7 +45,14 @@ def test_backend_options_come_from_the_backend_the_rest_from_the_service():
 
 
 def test_importing_the_caller_module_does_not_import_cinder():
-    assert "cinder" not in sys.modules
+    # In a process of its own: this one may have imported Cinder for another test.
+    script = (
+        "import sys, remotefs_aa.drivers.cinder_caller\n"
+        "print([m for m in sys.modules if m.split('.')[0] == 'cinder'])"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 class Migrated:
@@ -132,4 +140,24 @@ def test_secure_auto_is_decided_by_the_share_and_keeps_cinders_decision(tmp_path
         ours is None
         if ".cinderSecureEnvIndicator" in files
         else ours.strip() == str(secure).lower()
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "secure"),
+    [("True", True), (" TRUE ", True), ("false", False), ("False", False), ("AUTO", True)],
+)
+def test_nas_secure_options_take_any_case_as_in_cinder(tmp_path, value, secure):
+    """Cinder's own option (no choices) wins inside Cinder: its values come in any case."""
+    from remotefs_aa.drivers.nfs import NfsDriver
+
+    conf = make_conf()
+    conf.set_override("state_path", str(tmp_path))
+    conf.set_override("nas_secure_file_operations", value)
+    conf.set_override("nas_secure_file_permissions", value)
+    driver = NfsDriver(conf, host="h", io=ShareIO({}))  # a new share: 'auto' decides secure
+    driver._decide_secure("server:/export")
+    assert driver.secure("server:/export") == (secure, secure)
+    assert cinder_caller.CinderDriver.secure_file_operations_enabled(driver) is (
+        value.strip().lower() == "true"
     )

@@ -15,13 +15,8 @@ from tests.unit.fakes import MemoryProvider, make_conf
 
 
 @pytest.fixture
-def provider():
-    prov = MemoryProvider()
-    prov.start()
-    coordination.guard.set_provider(prov)
-    yield prov
-    coordination.guard.set_provider(None)
-    prov.stop()
+def provider(memory_locks):
+    return memory_locks
 
 
 def vol(id_: str) -> SimpleNamespace:

@@ -192,7 +192,7 @@ def test_name_grammar():
         assert not images.is_id(bad), bad
 
 
-@pytest.mark.parametrize("name", ["volume-a.b\n", "volume-a\n", "volume-a.b\nx", ".volume-a.tmp\n"])
+@pytest.mark.parametrize("name", ["volume-a.b\n", "volume-a\n", ".volume-a.tmp\n"])
 def test_a_trailing_newline_names_no_file_of_the_volume(name):
     # '$' matches before a final newline: one file would have two spellings.
     assert not images.backing_allowed("a", name)

@@ -51,16 +51,8 @@ def test_volume_show_orders_snapshots_as_taken_and_marks_the_latest():
 
 
 @pytest.fixture
-def locks():
-    from remotefs_aa import coordination
-    from tests.unit.fakes import MemoryProvider
-
-    prov = MemoryProvider()
-    prov.start()
-    coordination.guard.set_provider(prov)
-    yield prov
-    coordination.guard.set_provider(None)
-    prov.stop()
+def locks(memory_locks):
+    return memory_locks
 
 
 def test_the_share_sweep_removes_what_only_a_listing_finds(locks):
