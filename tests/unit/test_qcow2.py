@@ -217,8 +217,7 @@ def test_qcow2_magic_deeper_in_a_raw_file_is_raw(tmp_path):
     assert qcow2.read_header(str(path)).virtual_size == 3
 
 
-def test_read_header_is_one_read_of_4k_when_the_header_fits(tmp_path, monkeypatch):
-    """A chain walk reads one header per layer: 4 KiB, not a 64 KiB cluster each."""
+def test_read_header_is_one_read_of_at_most_64k(tmp_path, monkeypatch):
     img = create(tmp_path / "img.qcow2", "qcow2", "1G", "-o", "cluster_size=2M")
     calls = []
     real_pread = os.pread
@@ -229,10 +228,10 @@ def test_read_header_is_one_read_of_4k_when_the_header_fits(tmp_path, monkeypatc
 
     monkeypatch.setattr(qcow2.os, "pread", spy)
     qcow2.read_header(img)
-    assert calls == [qcow2.FIRST_READ]
+    assert calls == [qcow2.READ_LIMIT]
 
 
-def test_a_header_reaching_past_4k_is_read_in_full_with_the_same_answer(tmp_path, monkeypatch):
+def test_a_header_reaching_past_4k_is_read_in_one_read(tmp_path, monkeypatch):
     data = bytearray(open(create(tmp_path / "img.qcow2", "qcow2", "1G"), "rb").read())
     data = with_backing(data, b"volume-x", 6000)  # the name beyond the first 4 KiB
     path = tmp_path / "far.qcow2"
@@ -243,7 +242,7 @@ def test_a_header_reaching_past_4k_is_read_in_full_with_the_same_answer(tmp_path
     header = qcow2.read_header(str(path))
     assert header.backing_file == "volume-x"
     assert header == qcow2.parse_header(bytes(data), len(data))
-    assert calls == [qcow2.FIRST_READ, qcow2.READ_LIMIT]
+    assert calls == [qcow2.READ_LIMIT]
 
 
 def test_feature_bits_are_reported_not_judged(tmp_path):
